@@ -8,5 +8,5 @@ pub mod models;
 pub mod queries;
 pub mod schema;
 
-pub use conn::{open_pool, DbConn, Pool};
+pub use conn::{build_pool, open_pool, DbConn, Pool};
 pub use executor::DbExecutor;

@@ -6,6 +6,7 @@ pub mod access_log;
 pub mod api;
 pub mod dev;
 pub mod health;
+pub mod metrics;
 pub mod web;
 pub mod ws;
 
@@ -37,6 +38,7 @@ pub fn routes(cfg: &mut aw::ServiceConfig) {
     cfg.service(aw::resource("/ws").route(aw::get().to(ws::upgrade)))
         .service(aw::resource("/healthz").route(aw::get().to(health::healthz)))
         .service(aw::resource("/readyz").route(aw::get().to(health::readyz)))
+        .service(aw::resource("/metrics").route(aw::get().to(metrics::metrics)))
         .service(aw::resource("/dev/token").route(aw::post().to(dev::token)))
         .service(
             aw::scope("/api")

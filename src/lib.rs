@@ -15,6 +15,7 @@ pub mod error;
 pub mod http;
 pub mod hub;
 pub mod ids;
+pub mod metrics;
 pub mod protocol;
 
 /// Current wall-clock time in Unix milliseconds (the unit of every time on the wire).

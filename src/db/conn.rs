@@ -137,15 +137,21 @@ pub fn open_pool(cfg: &Config) -> Result<Pool, String> {
     for name in &applied {
         log::info!("applied migration {name}");
     }
+    drop(first);
+    Ok(build_pool(cfg))
+}
+
+/// The pool alone: no connection is made until one is needed, so it can be
+/// built while the database is down (it connects once the database is back).
+pub fn build_pool(cfg: &Config) -> Pool {
     r2d2::Pool::builder()
         .max_size(cfg.db_pool_size)
         .min_idle(Some(1))
         .connection_timeout(cfg.db_timeout)
-        .build(DbManager {
+        .build_unchecked(DbManager {
             url: cfg.database.clone(),
             timeout: cfg.db_timeout,
         })
-        .map_err(|e| format!("cannot open database {what}: {e}"))
 }
 
 /// Several chat-hub processes may start at once on one MariaDB database:

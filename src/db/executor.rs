@@ -41,6 +41,10 @@ impl DbExecutor {
         let started = Instant::now();
         let out = self.conn().and_then(|mut c| f(&mut c));
         let took = started.elapsed();
+        crate::metrics::METRICS
+            .db_seconds
+            .with_label_values(&[op])
+            .observe(took.as_secs_f64());
         if took > Duration::from_secs(1) {
             log::warn!("database {op} took {took:?}");
         }

@@ -9,6 +9,7 @@ use diesel::result::{DatabaseErrorKind, Error};
 
 /// Whether a failed transaction is worth running again as it is: a unique
 /// clash with a concurrent writer (the retry sees its row) or a deadlock.
+/// A lock wait that timed out is not: the wait already took `db_timeout`.
 pub(crate) fn is_retryable(e: &Error) -> bool {
     match e {
         Error::DatabaseError(
@@ -17,7 +18,7 @@ pub(crate) fn is_retryable(e: &Error) -> bool {
         ) => true,
         Error::DatabaseError(_, info) => {
             let m = info.message();
-            m.contains("Deadlock") || m.contains("deadlock") || m.contains("database is locked")
+            m.contains("Deadlock") || m.contains("deadlock")
         }
         _ => false,
     }

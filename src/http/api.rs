@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use super::AppState;
 use crate::db::executor::{GetGroup, GroupOp};
 use crate::error::{ChatError, ErrorCode};
-use crate::hub::server::{ChangeGroup, ClientSend, DisconnectUser, Reply};
+use crate::hub::server::{submit, ChangeGroup, ClientSend, DisconnectUser, Reply};
 use crate::ids::{GroupId, Target, UserId};
 use crate::protocol::{validate_group_name, MAX_GROUP_MEMBERS, MAX_REF_CHARS};
 
@@ -46,11 +46,14 @@ fn parse_user(s: &str) -> Result<UserId, ChatError> {
 
 async fn change(state: &AppState, op: GroupOp) -> Result<crate::protocol::GroupView, ChatError> {
     let (tx, rx) = oneshot::channel();
-    state.server.do_send(ChangeGroup {
-        by: None,
-        op,
-        reply: Reply::Api(tx),
-    });
+    submit(
+        &state.server,
+        ChangeGroup {
+            by: None,
+            op,
+            reply: Reply::Api(tx),
+        },
+    );
     rx.await
         .unwrap_or_else(|_| Err(ChatError::unavailable("the server is shutting down")))
 }
@@ -182,13 +185,16 @@ pub async fn publish(
         ));
     }
     let (tx, rx) = oneshot::channel();
-    state.server.do_send(ClientSend {
-        sender: from,
-        to,
-        body,
-        client_id,
-        reply: Reply::Api(tx),
-    });
+    submit(
+        &state.server,
+        ClientSend {
+            sender: from,
+            to,
+            body,
+            client_id,
+            reply: Reply::Api(tx),
+        },
+    );
     let stored = rx
         .await
         .unwrap_or_else(|_| Err(ChatError::unavailable("the server is shutting down")))?;

@@ -17,6 +17,7 @@ use crate::db::executor::{self as dbx, GroupOp};
 use crate::db::models::{NewMessage, Stored};
 use crate::error::{ChatError, ErrorCode};
 use crate::ids::{ConvKey, GroupId, Target, UserId};
+use crate::metrics::METRICS;
 use crate::protocol::{GroupEvent, GroupView, MessageView, ServerFrame};
 
 struct PendingSend {
@@ -81,6 +82,7 @@ impl Handler<ClientSend> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: ClientSend, ctx: &mut Context<Self>) {
+        METRICS.server_mailbox.dec();
         let ClientSend {
             sender,
             to,
@@ -97,6 +99,7 @@ impl Handler<ClientSend> for ChatServer {
         let limited = matches!(reply, Reply::Session { .. });
         if limited && !self.take_rate(&sender) {
             self.stats.rate_limited += 1;
+            METRICS.rate_limited.inc();
             let e = ChatError::new(
                 ErrorCode::RateLimited,
                 "over the send rate; nothing stored, slow down",
@@ -132,6 +135,7 @@ impl Handler<ChangeGroup> for ChatServer {
     type Result = ();
 
     fn handle(&mut self, msg: ChangeGroup, ctx: &mut Context<Self>) {
+        METRICS.server_mailbox.dec();
         let lane = self
             .lanes
             .lane_of(&ConvKey::Group(group_of(&msg.op).clone()).to_string());
@@ -155,6 +159,7 @@ impl Handler<ChangeGroup> for ChatServer {
 impl ChatServer {
     /// Start the lane's next transaction if it has none in flight.
     fn kick(&mut self, lane: usize, ctx: &mut Context<Self>) {
+        METRICS.queued_writes.set(self.lanes.queued() as i64);
         let max_batch = self.cfg.max_batch;
         let l = &mut self.lanes.lanes[lane];
         if l.busy {
@@ -222,6 +227,7 @@ impl ChatServer {
                 };
                 if !stored.duplicate {
                     self.stats.messages_stored += 1;
+                    METRICS.messages_stored.inc();
                     self.fan_out(m, &stored, origin);
                 }
                 match reply {
@@ -289,6 +295,7 @@ impl ChatServer {
             n += self.push_user(u, &ev, origin);
         }
         self.stats.messages_delivered += n as u64;
+        METRICS.messages_delivered.inc_by(n as u64);
     }
 
     fn run_group(&mut self, lane: usize, p: PendingGroup, ctx: &mut Context<Self>) {

@@ -19,6 +19,7 @@ use crate::db::executor::{DbExecutor, GroupOp, UserOnline};
 use crate::db::models::Stored;
 use crate::error::ChatError;
 use crate::ids::{GroupId, Target, UserId};
+use crate::metrics::METRICS;
 use crate::protocol::{GroupView, ServerFrame};
 
 /// A session's key in the server's maps (a counter, never reused).
@@ -228,6 +229,7 @@ impl ChatServer {
                     reason: "too slow: outbound queue full".into(),
                 });
                 self.stats.evictions += 1;
+                METRICS.evictions.inc();
                 self.remove_session(id);
             }
             Err(SendError::Closed(_)) => self.remove_session(id),
@@ -262,6 +264,7 @@ impl ChatServer {
 
     pub(super) fn reply_error<T>(&mut self, reply: Reply<T>, e: ChatError) {
         *self.stats.rejected.entry(e.code.as_str()).or_default() += 1;
+        METRICS.rejected.with_label_values(&[e.code.as_str()]).inc();
         match reply {
             Reply::Session { id, r#ref } => {
                 self.reply_frame(id, ServerFrame::error(r#ref.as_deref(), &e))
@@ -318,7 +321,14 @@ impl ChatServer {
             }
             .to_text(),
         );
-        for c in self.contacts(user, peers) {
+        // Contacts still loading their own peers are skipped: their snapshot,
+        // sent once loaded, tells them (so nobody hears "online" twice).
+        let contacts: Vec<UserId> = self
+            .contacts(user, peers)
+            .into_iter()
+            .filter(|c| self.is_announced(c))
+            .collect();
+        for c in contacts {
             self.push_user(&c, &ev, None);
         }
     }
@@ -426,6 +436,18 @@ impl Actor for ChatServer {
             act.rates.retain(|_, b| !b.is_full(now, rate, burst));
         });
     }
+}
+
+/// Hand a client request (a session's frame, an API call) to the server,
+/// counted in the `chat_hub_server_mailbox_depth` gauge until it is handled.
+pub fn submit<M>(server: &Addr<ChatServer>, msg: M)
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+    ChatServer: Handler<M>,
+{
+    METRICS.server_mailbox.inc();
+    server.do_send(msg);
 }
 
 /// A session opened (the session itself, once, when it starts). The reply
@@ -568,6 +590,7 @@ pub struct Typing {
 impl Handler<Typing> for ChatServer {
     type Result = ();
     fn handle(&mut self, msg: Typing, _: &mut Context<Self>) {
+        METRICS.server_mailbox.dec();
         let reply: Reply<()> = Reply::Session {
             id: msg.session,
             r#ref: msg.r#ref,
@@ -633,6 +656,7 @@ pub struct ListGroups {
 impl Handler<ListGroups> for ChatServer {
     type Result = ();
     fn handle(&mut self, msg: ListGroups, _: &mut Context<Self>) {
+        METRICS.server_mailbox.dec();
         let ids: Vec<GroupId> = self
             .user_groups
             .get(&msg.user)

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::db::executor::{self as dbx, BacklogPage, DbExecutor, GroupOp};
 use crate::error::ChatError;
 use crate::ids::UserId;
+use crate::metrics::METRICS;
 use crate::protocol::{self, ClientFrame, Inbound, ServerFrame, DEFAULT_HISTORY_LIMIT};
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -150,12 +151,15 @@ impl WsSession {
         };
         for item in page.items {
             ctx.text(item.frame);
+            METRICS.backlog_sent.inc();
             sync.sent.insert(item.conv, item.seq);
         }
         if page.next.is_some() {
             return self.load_backlog(page.next, ctx);
         }
         if let Some(sync) = self.sync.take() {
+            METRICS.sessions.with_label_values(&["syncing"]).dec();
+            METRICS.sessions.with_label_values(&["live"]).inc();
             for (conv, seq, frame) in sync.held {
                 if sync.sent.get(&*conv).is_none_or(|s| seq > *s) {
                     ctx.text(frame);
@@ -193,13 +197,16 @@ impl WsSession {
                 body,
                 client_id,
             } => {
-                self.server.do_send(server::ClientSend {
-                    sender: self.user.clone(),
-                    to,
-                    body,
-                    client_id,
-                    reply: reply(id, &r#ref),
-                });
+                server::submit(
+                    &self.server,
+                    server::ClientSend {
+                        sender: self.user.clone(),
+                        to,
+                        body,
+                        client_id,
+                        reply: reply(id, &r#ref),
+                    },
+                );
             }
             ClientFrame::Ack { conv, seq } => {
                 let req = dbx::Ack {
@@ -259,12 +266,15 @@ impl WsSession {
                 }
                 self.typing_window.1 += 1;
                 if self.typing_window.1 <= self.limits.typing_per_sec {
-                    self.server.do_send(server::Typing {
-                        session: self.id,
-                        user: self.user.clone(),
-                        to,
-                        r#ref,
-                    });
+                    server::submit(
+                        &self.server,
+                        server::Typing {
+                            session: self.id,
+                            user: self.user.clone(),
+                            to,
+                            r#ref,
+                        },
+                    );
                 }
             }
             ClientFrame::Ping => ctx.text(
@@ -285,42 +295,57 @@ impl WsSession {
                     owner: self.user.clone(),
                     members,
                 };
-                self.server.do_send(server::ChangeGroup {
-                    by: Some(self.user.clone()),
-                    op,
-                    reply: reply(id, &r#ref),
-                });
+                server::submit(
+                    &self.server,
+                    server::ChangeGroup {
+                        by: Some(self.user.clone()),
+                        op,
+                        reply: reply(id, &r#ref),
+                    },
+                );
             }
             ClientFrame::GroupAdd { group, user } => {
                 let op = GroupOp::Add { group, user };
-                self.server.do_send(server::ChangeGroup {
-                    by: Some(self.user.clone()),
-                    op,
-                    reply: reply(id, &r#ref),
-                });
+                server::submit(
+                    &self.server,
+                    server::ChangeGroup {
+                        by: Some(self.user.clone()),
+                        op,
+                        reply: reply(id, &r#ref),
+                    },
+                );
             }
             ClientFrame::GroupRemove { group, user } => {
                 let op = GroupOp::Remove { group, user };
-                self.server.do_send(server::ChangeGroup {
-                    by: Some(self.user.clone()),
-                    op,
-                    reply: reply(id, &r#ref),
-                });
+                server::submit(
+                    &self.server,
+                    server::ChangeGroup {
+                        by: Some(self.user.clone()),
+                        op,
+                        reply: reply(id, &r#ref),
+                    },
+                );
             }
             ClientFrame::GroupLeave { group } => {
                 let op = GroupOp::Leave { group };
-                self.server.do_send(server::ChangeGroup {
-                    by: Some(self.user.clone()),
-                    op,
-                    reply: reply(id, &r#ref),
-                });
+                server::submit(
+                    &self.server,
+                    server::ChangeGroup {
+                        by: Some(self.user.clone()),
+                        op,
+                        reply: reply(id, &r#ref),
+                    },
+                );
             }
             ClientFrame::Groups => {
-                self.server.do_send(server::ListGroups {
-                    session: self.id,
-                    user: self.user.clone(),
-                    r#ref,
-                });
+                server::submit(
+                    &self.server,
+                    server::ListGroups {
+                        session: self.id,
+                        user: self.user.clone(),
+                        r#ref,
+                    },
+                );
             }
         }
     }
@@ -337,6 +362,8 @@ impl Actor for WsSession {
     type Context = ws::WebsocketContext<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        METRICS.connections.inc();
+        METRICS.sessions.with_label_values(&["syncing"]).inc();
         ctx.set_mailbox_capacity(self.limits.queue);
         let welcome = ServerFrame::Welcome {
             user: self.user.as_str(),
@@ -373,6 +400,13 @@ impl Actor for WsSession {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        METRICS.connections.dec();
+        let state = if self.sync.is_some() {
+            "syncing"
+        } else {
+            "live"
+        };
+        METRICS.sessions.with_label_values(&[state]).dec();
         self.server.do_send(server::Disconnect { id: self.id });
         Running::Stop
     }

@@ -363,3 +363,42 @@ pub fn ack(conn: &mut DbConn, user: &UserId, conv: &ConvKey, seq: i64) -> Result
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows() -> Vec<NewMessageRow<'static>> {
+        (1..=3)
+            .map(|seq| NewMessageRow {
+                conv: "dm:a:b",
+                seq,
+                sender: "a",
+                body: "x",
+                ts: 1,
+                client_id: None,
+            })
+            .collect()
+    }
+
+    /// A batch is one multi-row INSERT on each backend, not one per row.
+    #[cfg(feature = "sqlite")]
+    #[test]
+    fn sqlite_batch_insert_is_one_statement() {
+        let rows = rows();
+        let q = diesel::insert_into(messages::table).values(&rows);
+        let sql = diesel::debug_query::<diesel::sqlite::Sqlite, _>(&q).to_string();
+        assert_eq!(sql.matches("INSERT").count(), 1, "{sql}");
+        assert_eq!(sql.matches("), (").count(), 2, "{sql}");
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    fn mysql_batch_insert_is_one_statement() {
+        let rows = rows();
+        let q = diesel::insert_into(messages::table).values(&rows);
+        let sql = diesel::debug_query::<diesel::mysql::Mysql, _>(&q).to_string();
+        assert_eq!(sql.matches("INSERT").count(), 1, "{sql}");
+        assert_eq!(sql.matches("), (").count(), 2, "{sql}");
+    }
+}
