@@ -31,6 +31,10 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let secret = cfg.resolve_jwt_secret().map_err(anyhow::Error::msg)?;
     let keys = TokenKeys::new(&secret);
     let pool = db::open_pool(&cfg).map_err(anyhow::Error::msg)?;
+    // Listen only once migrations have run, and before any actor starts, so
+    // that a failure here leaves nothing running.
+    let listener = std::net::TcpListener::bind(cfg.bind)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
     let groups = {
         let mut c = pool.get()?;
         db::queries::groups::all(&mut c)?
@@ -60,8 +64,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     .disable_signals()
     .shutdown_timeout(5)
     .max_connections(cfg.max_connections)
-    .bind(cfg.bind)
-    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.bind))?;
+    .listen(listener)?;
     let addr = srv
         .addrs()
         .first()

@@ -7,6 +7,7 @@ pub mod api;
 pub mod dev;
 pub mod health;
 pub mod metrics;
+pub mod openapi;
 pub mod web;
 pub mod ws;
 
@@ -50,6 +51,7 @@ pub fn routes(cfg: &mut aw::ServiceConfig) {
                         .route(aw::delete().to(api::remove_member)),
                 )
                 .service(aw::resource("/messages").route(aw::post().to(api::publish)))
+                .service(aw::resource("/openapi.json").route(aw::get().to(openapi::openapi_json)))
                 .service(
                     aw::resource("/users/{user}/disconnect")
                         .route(aw::post().to(api::disconnect_user)),

@@ -214,7 +214,7 @@ pub struct MessageView {
 }
 
 /// A group as listed by `groups` and the server API.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupView {
     pub group: String,
     pub name: String,

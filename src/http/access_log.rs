@@ -62,3 +62,51 @@ pub fn logger(trusted: Arc<Vec<IpAddr>>) -> Logger {
         })
         .custom_request_replace("request", redacted_request_line)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn forwarded_headers_count_only_from_trusted_proxies() {
+        let trusted = [ip("10.0.0.1")];
+        let direct = TestRequest::default()
+            .peer_addr("203.0.113.9:5000".parse().unwrap())
+            .insert_header(("X-Forwarded-For", "198.51.100.1"))
+            .to_http_request();
+        assert_eq!(
+            client_ip(&direct, &trusted),
+            Some(ip("203.0.113.9")),
+            "an untrusted peer cannot claim an address"
+        );
+        let proxied = TestRequest::default()
+            .peer_addr("10.0.0.1:5000".parse().unwrap())
+            .insert_header(("X-Forwarded-For", "1.2.3.4, 198.51.100.1, 10.0.0.1"))
+            .to_http_request();
+        assert_eq!(
+            client_ip(&proxied, &trusted),
+            Some(ip("198.51.100.1")),
+            "the right-most untrusted hop"
+        );
+        let real_ip = TestRequest::default()
+            .peer_addr("10.0.0.1:5000".parse().unwrap())
+            .insert_header(("X-Real-IP", "198.51.100.2"))
+            .to_http_request();
+        assert_eq!(client_ip(&real_ip, &trusted), Some(ip("198.51.100.2")));
+    }
+
+    #[test]
+    fn tokens_never_reach_the_log() {
+        let req = TestRequest::get()
+            .uri("/ws?x=1&token=eyJhbGciOi.secret.sig&y=2")
+            .to_srv_request();
+        let line = redacted_request_line(&req);
+        assert!(line.starts_with("GET /ws?x=1&token=REDACTED&y=2"), "{line}");
+        assert!(!line.contains("secret"));
+    }
+}

@@ -4,7 +4,7 @@
 //! online users exactly as if made over the WebSocket.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
@@ -58,7 +58,8 @@ async fn change(state: &AppState, op: GroupOp) -> Result<crate::protocol::GroupV
         .unwrap_or_else(|_| Err(ChatError::unavailable("the server is shutting down")))
 }
 
-#[derive(Deserialize)]
+/// A group to create; the owner is always a member.
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct CreateGroup {
     group: GroupId,
     #[serde(default)]
@@ -69,6 +70,7 @@ pub struct CreateGroup {
 }
 
 /// `POST /api/groups` → 201 with the group.
+#[utoipa::path(post, path = "/api/groups", tag = "groups", request_body = CreateGroup, security(("api_key" = [])), responses((status = 201, description = "created; online members get the `created` event", body = crate::protocol::GroupView), (status = 409, description = "the group exists", body = super::openapi::ErrorBody), (status = 413, description = "body too large", body = super::openapi::ErrorBody), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn create_group(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -102,6 +104,7 @@ pub async fn create_group(
 }
 
 /// `GET /api/groups/{group}` → the group.
+#[utoipa::path(get, path = "/api/groups/{group}", tag = "groups", params(("group" = String, Path, description = "group id")), security(("api_key" = [])), responses((status = 200, body = crate::protocol::GroupView), (status = 404, description = "no such group", body = super::openapi::ErrorBody), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn get_group(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -118,6 +121,7 @@ pub async fn get_group(
 }
 
 /// `PUT /api/groups/{group}/members/{user}` → 204.
+#[utoipa::path(put, path = "/api/groups/{group}/members/{user}", tag = "groups", params(("group" = String, Path, description = "group id"), ("user" = String, Path, description = "user id")), security(("api_key" = [])), responses((status = 204, description = "added; members get the `added` event"), (status = 404, description = "no such group", body = super::openapi::ErrorBody), (status = 409, description = "already a member", body = super::openapi::ErrorBody), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn add_member(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -130,6 +134,7 @@ pub async fn add_member(
 }
 
 /// `DELETE /api/groups/{group}/members/{user}` → 204.
+#[utoipa::path(delete, path = "/api/groups/{group}/members/{user}", tag = "groups", params(("group" = String, Path, description = "group id"), ("user" = String, Path, description = "user id")), security(("api_key" = [])), responses((status = 204, description = "removed; members and the user get the `removed` event"), (status = 403, description = "the owner cannot be removed", body = super::openapi::ErrorBody), (status = 404, description = "no such group, or not a member", body = super::openapi::ErrorBody), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn remove_member(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -141,7 +146,8 @@ pub async fn remove_member(
     Ok(HttpResponse::NoContent().finish())
 }
 
-#[derive(Deserialize)]
+/// A message to store and deliver as if `from` had sent it.
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct Publish {
     from: UserId,
     to: Target,
@@ -151,6 +157,7 @@ pub struct Publish {
 }
 
 /// `POST /api/messages` → 201 `{"conv":..,"seq":..}`, stored and delivered as if `from` had sent it.
+#[utoipa::path(post, path = "/api/messages", tag = "messages", request_body = Publish, security(("api_key" = [])), responses((status = 201, description = "stored and delivered", body = Published), (status = 403, description = "`from` is not a member of the group", body = super::openapi::ErrorBody), (status = 404, description = "no such group", body = super::openapi::ErrorBody), (status = 413, description = "body over max_body_bytes", body = super::openapi::ErrorBody), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn publish(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -198,13 +205,16 @@ pub async fn publish(
     let stored = rx
         .await
         .unwrap_or_else(|_| Err(ChatError::unavailable("the server is shutting down")))?;
-    Ok(HttpResponse::Created().json(
-        serde_json::json!({ "conv": stored.conv.to_string(), "seq": stored.seq, "ts": stored.ts }),
-    ))
+    Ok(HttpResponse::Created().json(Published {
+        conv: stored.conv.to_string(),
+        seq: stored.seq,
+        ts: stored.ts,
+    }))
 }
 
 /// `POST /api/users/{user}/disconnect` → 200 `{"closed": n}`: every open
 /// session of the user is closed with code 4001.
+#[utoipa::path(post, path = "/api/users/{user}/disconnect", tag = "users", params(("user" = String, Path, description = "user id")), security(("api_key" = [])), responses((status = 200, description = "every open session of the user was closed with code 4001", body = Disconnected), (status = 400, description = "malformed request or id", body = super::openapi::ErrorBody), (status = 401, description = "missing or wrong API key", body = super::openapi::ErrorBody), (status = 503, description = "the database cannot take it now", body = super::openapi::ErrorBody)))]
 pub async fn disconnect_user(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -220,5 +230,19 @@ pub async fn disconnect_user(
         })
         .await
         .map_err(|e| ChatError::unavailable(e.to_string()))?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "closed": n })))
+    Ok(HttpResponse::Ok().json(Disconnected { closed: n }))
+}
+
+/// Where a published message was stored.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Published {
+    pub conv: String,
+    pub seq: i64,
+    pub ts: i64,
+}
+
+/// How many sessions were closed.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Disconnected {
+    pub closed: usize,
 }

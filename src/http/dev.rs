@@ -8,11 +8,19 @@ use super::AppState;
 use crate::error::ChatError;
 use crate::ids::UserId;
 
-#[derive(Deserialize)]
+/// Who to sign in as.
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct DevLogin {
     user: UserId,
 }
 
+/// A client token.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct DevToken {
+    token: String,
+}
+
+#[utoipa::path(post, path = "/dev/token", tag = "dev", request_body = DevLogin, responses((status = 200, description = "a client token valid for 24 h", body = DevToken), (status = 400, description = "invalid user id", body = super::openapi::ErrorBody), (status = 404, description = "dev sign-in is off", body = super::openapi::ErrorBody)))]
 pub async fn token(
     state: web::Data<AppState>,
     body: web::Json<DevLogin>,
@@ -26,5 +34,5 @@ pub async fn token(
         .keys
         .mint(&body.user, 86_400)
         .map_err(ChatError::unavailable)?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "token": token })))
+    Ok(HttpResponse::Ok().json(DevToken { token }))
 }

@@ -5,6 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::AppState;
 use crate::metrics::METRICS;
 
+#[utoipa::path(get, path = "/metrics", tag = "health", responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let s = state.pool.state();
     let body = METRICS.render(Some((

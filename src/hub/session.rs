@@ -118,6 +118,7 @@ impl WsSession {
         r#ref: Option<&str>,
         e: &ChatError,
     ) {
+        METRICS.rejected.with_label_values(&[e.code.as_str()]).inc();
         ctx.text(ServerFrame::error(r#ref, e));
         if e.code.is_bad_frame() {
             self.bad_in_row += 1;
