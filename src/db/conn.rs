@@ -97,6 +97,21 @@ pub fn run_migrations(conn: &mut DbConn) -> Result<Vec<String>, String> {
     applied.map_err(|e| format!("migrations failed: {e}"))
 }
 
+/// Revert every applied migration (their `down.sql`), newest first; returns
+/// the names reverted. For operators' downgrades and the migration tests.
+pub fn revert_all_migrations(conn: &mut DbConn) -> Result<Vec<String>, String> {
+    let names = |v: Vec<diesel::migration::MigrationVersion<'_>>| {
+        v.iter().map(|m| m.to_string()).collect::<Vec<_>>()
+    };
+    let reverted = match conn {
+        #[cfg(feature = "mysql")]
+        DbConn::Mysql(c) => c.revert_all_migrations(MYSQL_MIGRATIONS).map(names),
+        #[cfg(feature = "sqlite")]
+        DbConn::Sqlite(c) => c.revert_all_migrations(SQLITE_MIGRATIONS).map(names),
+    };
+    reverted.map_err(|e| format!("reverting migrations failed: {e}"))
+}
+
 /// Opens pool connections with [`establish`]; a connection is checked with a
 /// trivial query before each use, so a restarted database is picked up.
 pub struct DbManager {

@@ -111,6 +111,32 @@ async fn seqs_of(db: &Addr<DbExecutor>, user: &str, c: &str) -> Vec<i64> {
 }
 
 backend_tests! {
+    async fn migrations_apply_and_really_revert(db) {
+        use diesel::RunQueryDsl;
+        let cfg = db.config();
+        drop(chat_hub::db::open_pool(&cfg).unwrap());
+        let mut c = chat_hub::db::conn::establish(&cfg.database, Duration::from_secs(5)).unwrap();
+        let count_tables = |c: &mut chat_hub::db::DbConn| -> i64 {
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            let sql = if db.is_mysql() {
+                "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN ('users','conversations','chat_groups','members','messages')"
+            } else {
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name IN ('users','conversations','chat_groups','members','messages')"
+            };
+            diesel::sql_query(sql).get_result::<N>(c).unwrap().n
+        };
+        assert_eq!(count_tables(&mut c), 5);
+        let reverted = chat_hub::db::conn::revert_all_migrations(&mut c).unwrap();
+        assert_eq!(reverted.len(), 1);
+        assert_eq!(count_tables(&mut c), 0, "down.sql drops everything up.sql made");
+        assert_eq!(chat_hub::db::conn::run_migrations(&mut c).unwrap().len(), 1, "and up again");
+        assert_eq!(count_tables(&mut c), 5);
+    }
+
     async fn seqs_count_per_conversation(db) {
         let (x, _pool) = db.executor(2);
         for i in 1..=3 {
