@@ -1,6 +1,7 @@
 //! The real-time core: one [`session::WsSession`] actor per WebSocket and the
 //! one [`server::ChatServer`] actor that routes between them.
 
+pub mod acks;
 mod lanes;
 pub mod rate;
 pub mod server;

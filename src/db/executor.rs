@@ -147,6 +147,18 @@ impl Handler<Ack> for DbExecutor {
     }
 }
 
+/// Many acks in one transaction (the ChatServer's ack batcher): one result per ack.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Result<(), ChatError>>, ChatError>")]
+pub struct AckBatch(pub Vec<(UserId, ConvKey, i64)>);
+
+impl Handler<AckBatch> for DbExecutor {
+    type Result = Result<Vec<Result<(), ChatError>>, ChatError>;
+    fn handle(&mut self, msg: AckBatch, _: &mut SyncContext<Self>) -> Self::Result {
+        self.timed("ack_batch", |c| messages::ack_batch(c, &msg.0))
+    }
+}
+
 /// A page of history (a session), newest first.
 #[derive(Message)]
 #[rtype(result = "Result<HistoryPage, ChatError>")]

@@ -12,6 +12,7 @@ use actix::prelude::*;
 use bytestring::ByteString;
 use tokio::sync::oneshot;
 
+use super::acks::Acks;
 use super::lanes::Lanes;
 use super::rate::TokenBucket;
 use crate::config::Config;
@@ -51,6 +52,8 @@ pub enum SessionEvent {
     },
     /// Any other frame, already serialised.
     Frame(ByteString),
+    /// An error answering a malformed frame: it counts towards `max_bad_frames`.
+    BadFrame(ByteString),
     /// Close the connection with this code.
     Close { code: u16, reason: String },
 }
@@ -122,6 +125,7 @@ pub struct ChatServer {
     pub(super) user_groups: HashMap<UserId, BTreeSet<GroupId>>,
     rates: HashMap<UserId, TokenBucket>,
     pub(super) lanes: Lanes,
+    pub(super) acks: Acks,
     epochs: u64,
     draining: Option<Vec<oneshot::Sender<()>>>,
     drained: bool,
@@ -155,6 +159,7 @@ impl ChatServer {
             user_groups: HashMap::new(),
             rates: HashMap::new(),
             lanes,
+            acks: Acks::default(),
             epochs: 0,
             draining: None,
             drained: false,
@@ -267,7 +272,13 @@ impl ChatServer {
         METRICS.rejected.with_label_values(&[e.code.as_str()]).inc();
         match reply {
             Reply::Session { id, r#ref } => {
-                self.reply_frame(id, ServerFrame::error(r#ref.as_deref(), &e))
+                let frame = ServerFrame::error(r#ref.as_deref(), &e);
+                let ev = if e.code.is_bad_frame() {
+                    SessionEvent::BadFrame(frame)
+                } else {
+                    SessionEvent::Frame(frame)
+                };
+                self.push(id, ev);
             }
             Reply::Api(tx) => {
                 let _ = tx.send(Err(e));
@@ -405,7 +416,7 @@ impl ChatServer {
 
     /// Called when a lane went idle: finish a pending drain.
     pub(super) fn check_drained(&mut self) {
-        if self.draining.is_none() || !self.lanes.idle() {
+        if self.draining.is_none() || !self.lanes.idle() || !self.acks.idle() {
             return;
         }
         self.drained = true;

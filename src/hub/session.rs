@@ -13,6 +13,7 @@ use actix_web_actors::ws;
 use bytestring::ByteString;
 use uuid::Uuid;
 
+use super::acks::AckRequest;
 use super::server::{self, close, ChatServer, Reply, SessionEvent, SessionId};
 use crate::config::Config;
 use crate::db::executor::{self as dbx, BacklogPage, DbExecutor, GroupOp};
@@ -121,10 +122,14 @@ impl WsSession {
         METRICS.rejected.with_label_values(&[e.code.as_str()]).inc();
         ctx.text(ServerFrame::error(r#ref, e));
         if e.code.is_bad_frame() {
-            self.bad_in_row += 1;
-            if self.bad_in_row > self.limits.max_bad_frames {
-                self.close(ctx, close::POLICY, "too many bad frames in a row");
-            }
+            self.count_bad_frame(ctx);
+        }
+    }
+
+    fn count_bad_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        self.bad_in_row += 1;
+        if self.bad_in_row > self.limits.max_bad_frames {
+            self.close(ctx, close::POLICY, "too many bad frames in a row");
         }
     }
 
@@ -210,24 +215,16 @@ impl WsSession {
                 );
             }
             ClientFrame::Ack { conv, seq } => {
-                let req = dbx::Ack {
-                    user: self.user.clone(),
-                    conv,
-                    seq: seq as i64,
-                };
-                self.db
-                    .send(req)
-                    .into_actor(self)
-                    .map(move |res, act, ctx| match res {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => act.send_error(ctx, r#ref.as_deref(), &e),
-                        Err(e) => act.send_error(
-                            ctx,
-                            r#ref.as_deref(),
-                            &ChatError::unavailable(e.to_string()),
-                        ),
-                    })
-                    .spawn(ctx);
+                server::submit(
+                    &self.server,
+                    AckRequest {
+                        session: self.id,
+                        user: self.user.clone(),
+                        conv,
+                        seq: seq as i64,
+                        r#ref,
+                    },
+                );
             }
             ClientFrame::History {
                 conv,
@@ -430,6 +427,10 @@ impl Handler<SessionEvent> for WsSession {
                 None => ctx.text(frame),
             },
             SessionEvent::Frame(frame) => ctx.text(frame),
+            SessionEvent::BadFrame(frame) => {
+                ctx.text(frame);
+                self.count_bad_frame(ctx);
+            }
             SessionEvent::Close { code, reason } => self.close(ctx, code, &reason),
         }
     }

@@ -67,6 +67,8 @@ pub struct Plan {
     pub create: Option<String>,
     /// Disconnect and come back now and then while senders send (soak).
     pub churn: bool,
+    /// Start of this user's client ids (`<cid_prefix><n>`).
+    pub cid_prefix: String,
     /// Source address to connect from (spreads ephemeral ports).
     pub source: Option<IpAddr>,
     pub seed: u64,
@@ -452,8 +454,9 @@ impl Client {
     fn frame(&self, i: u64, t_us: u64) -> String {
         let to = self.plan.send.as_ref().map_or("{}", |s| s.to_json.as_str());
         let pad = &self.sh.body_pad;
+        let cid = &self.plan.cid_prefix;
         format!(
-            r#"{{"type":"send","to":{to},"body":"{{\"t\":{t_us},\"i\":{i}{pad}}}","client_id":"c{i}","ref":"s{i}"}}"#
+            r#"{{"type":"send","to":{to},"body":"{{\"t\":{t_us},\"i\":{i}{pad}}}","client_id":"{cid}{i}","ref":"s{i}"}}"#
         )
     }
 

@@ -59,6 +59,7 @@ fn cli() -> Command {
         .arg(g(Arg::new("source_addrs").long("source-addrs").value_name("N").value_parser(value_parser!(u8).range(1..=250)).default_value("1").help("connect from 127.0.0.1 .. 127.0.0.N (more ephemeral ports)")))
         .arg(g(Arg::new("threads").long("threads").value_name("N").value_parser(value_parser!(usize)).default_value("2").help("generator worker threads")))
         .arg(g(Arg::new("prefix").long("prefix").value_name("P").help("user and group id prefix [default: unique per run]")))
+        .arg(g(Arg::new("counter_client_ids").long("counter-client-ids").action(ArgAction::SetTrue).help("client ids c0, c1, ... for every sender (as in the protocol's examples) instead of unique per user")))
         .arg(g(Arg::new("quick").long("quick").action(ArgAction::SetTrue).help("small sizes, strict checks (CI smoke test)")))
         .subcommand(
             Command::new("direct")
@@ -109,6 +110,7 @@ struct Common {
     source_addrs: u8,
     prefix: String,
     quick: bool,
+    counter_cids: bool,
     params: Map<String, Value>,
 }
 
@@ -182,6 +184,14 @@ impl Common {
         params.insert("quick".into(), json!(m.get_flag("quick")));
         params.insert("body_bytes".into(), json!(body_bytes));
         params.insert("ack_ms".into(), json!(m.get_one::<u64>("ack_ms")));
+        params.insert(
+            "client_ids".into(),
+            json!(if m.get_flag("counter_client_ids") {
+                "counter"
+            } else {
+                "unique"
+            }),
+        );
         Ok(Common {
             target,
             keys: TokenKeys::new(&secret),
@@ -203,6 +213,7 @@ impl Common {
             source_addrs: m.get_one::<u8>("source_addrs").copied().unwrap_or(1),
             prefix,
             quick: m.get_flag("quick"),
+            counter_cids: m.get_flag("counter_client_ids"),
             params,
         })
     }
@@ -224,7 +235,16 @@ impl Common {
     }
 
     fn plan(&self, user: String, idx: usize) -> Result<Plan, String> {
+        let cid_prefix = if self.counter_cids {
+            "c".to_string()
+        } else {
+            // Unique per user, like the random ids real clients make.
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&user, &mut h);
+            format!("{:016x}-", std::hash::Hasher::finish(&h))
+        };
         Ok(Plan {
+            cid_prefix,
             token: self.token(&user)?,
             user,
             send: None,
@@ -624,6 +644,12 @@ impl Totals {
             .take(20)
             .map(|(k, v)| (k.clone(), json!(v)))
             .collect();
+        if errors.keys().any(|k| k.contains("rate_limited")) {
+            out.insert(
+                "hint".into(),
+                json!("the server rate-limits the senders: run it with CHAT_HUB_RATE_PER_SEC=1000000 CHAT_HUB_RATE_BURST=1000000"),
+            );
+        }
         out.insert("errors".into(), Value::Object(errors));
     }
 }

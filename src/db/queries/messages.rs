@@ -81,7 +81,7 @@ fn store_batch_once(conn: &mut DbConn, batch: &[NewMessage]) -> QueryResult<Batc
     // Group sends: the sender must be a current member of an existing group.
     let group_convs: Vec<&str> = keys
         .iter()
-        .zip(&batch[..])
+        .zip(batch)
         .filter(|(_, m)| matches!(m.to, Target::Group(_)))
         .map(|(k, _)| k.as_str())
         .collect();
@@ -339,29 +339,63 @@ pub fn backlog_page(
 /// position backwards; beyond the last seq the user may see, or in a
 /// conversation the user never was in, is `bad_request`.
 pub fn ack(conn: &mut DbConn, user: &UserId, conv: &ConvKey, seq: i64) -> Result<(), ChatError> {
-    let key = conv.to_string();
-    let Some(m) = membership(conn, conv, user)? else {
-        return Err(ChatError::bad_request(format!("you are not in {key}")));
-    };
-    let limit = match m.left_seq {
-        Some(l) => l,
-        None => conversations::table
-            .find(&key)
-            .select(conversations::last_seq)
-            .first::<i64>(conn)?,
-    };
-    if seq > limit {
-        return Err(ChatError::bad_request(format!(
-            "ack beyond the last seq ({limit}) of {key}"
-        )));
-    }
-    if seq > m.delivered_seq {
-        diesel::update(members::table.find((&key, user.as_str())))
-            .filter(members::delivered_seq.lt(seq))
-            .set(members::delivered_seq.eq(seq))
-            .execute(conn)?;
-    }
-    Ok(())
+    let item = [(user.clone(), conv.clone(), seq)];
+    ack_batch(conn, &item)?.pop().unwrap_or(Ok(()))
+}
+
+/// Apply many acks in one transaction (one commit): two reads for the whole
+/// batch, one update per position that moves. One result per ack, in order.
+pub fn ack_batch(
+    conn: &mut DbConn,
+    acks: &[(UserId, ConvKey, i64)],
+) -> Result<Vec<Result<(), ChatError>>, ChatError> {
+    let keys: Vec<String> = acks.iter().map(|(_, c, _)| c.to_string()).collect();
+    let users: Vec<&str> = acks.iter().map(|(u, _, _)| u.as_str()).collect();
+    write_txn(conn, |c| {
+        let rows: Vec<(String, String, Option<i64>, i64)> = members::table
+            .filter(members::conv.eq_any(&keys))
+            .filter(members::user_id.eq_any(&users))
+            .select((
+                members::conv,
+                members::user_id,
+                members::left_seq,
+                members::delivered_seq,
+            ))
+            .load(c)?;
+        let mut state: HashMap<(String, String), (Option<i64>, i64)> = rows
+            .into_iter()
+            .map(|(k, u, l, d)| ((k, u), (l, d)))
+            .collect();
+        let last: HashMap<String, i64> = conversations::table
+            .filter(conversations::conv.eq_any(&keys))
+            .select((conversations::conv, conversations::last_seq))
+            .load::<(String, i64)>(c)?
+            .into_iter()
+            .collect();
+        let mut out = Vec::with_capacity(acks.len());
+        for ((user, _, seq), key) in acks.iter().zip(&keys) {
+            let Some((left, delivered)) = state.get_mut(&(key.clone(), user.to_string())) else {
+                out.push(Err(ChatError::bad_request(format!("you are not in {key}"))));
+                continue;
+            };
+            let limit = left.or_else(|| last.get(key).copied()).unwrap_or(0);
+            if *seq > limit {
+                out.push(Err(ChatError::bad_request(format!(
+                    "ack beyond the last seq ({limit}) of {key}"
+                ))));
+                continue;
+            }
+            if *seq > *delivered {
+                diesel::update(members::table.find((key, user.as_str())))
+                    .filter(members::delivered_seq.lt(*seq))
+                    .set(members::delivered_seq.eq(*seq))
+                    .execute(c)?;
+                *delivered = *seq;
+            }
+            out.push(Ok(()));
+        }
+        Ok(out)
+    })
 }
 
 #[cfg(test)]
