@@ -141,46 +141,26 @@ fn store_batch_once(conn: &mut DbConn, batch: &[NewMessage]) -> QueryResult<Batc
     }
 
     if !take.is_empty() {
-        // Direct conversations come into being with their first message, with both parties as members.
-        let new_convs: Vec<NewConversation> = take
-            .keys()
-            .filter(|k| k.starts_with("dm:"))
-            .map(|k| NewConversation {
-                conv: k,
-                last_seq: 0,
-                created_at: now,
-            })
-            .collect();
-        if !new_convs.is_empty() {
-            let parties: Vec<(&str, UserId)> = new_convs
-                .iter()
-                .filter_map(|nc| match ConvKey::parse(nc.conv) {
-                    Ok(ConvKey::Direct(a, b)) if a == b => Some(vec![(nc.conv, a)]),
-                    Ok(ConvKey::Direct(a, b)) => Some(vec![(nc.conv, a), (nc.conv, b)]),
-                    _ => None,
-                })
-                .flatten()
-                .collect();
-            let new_members: Vec<NewMember> = parties
-                .iter()
-                .map(|(conv, u)| NewMember {
-                    conv,
-                    user_id: u.as_str(),
-                    joined_seq: 0,
-                    left_seq: None,
-                    delivered_seq: 0,
-                    joined_at: now,
-                })
-                .collect();
-            on_backend!(&mut *conn, c => diesel::insert_or_ignore_into(conversations::table).values(&new_convs).execute(c))?;
-            on_backend!(&mut *conn, c => diesel::insert_or_ignore_into(members::table).values(&new_members).execute(c))?;
-        }
         // Allocate: bump each conversation's counter (in key order, so that
         // concurrent transactions lock rows in one order), then read it back.
+        // A direct conversation that has no row yet comes into being here,
+        // with both parties as members, and is bumped again.
+        let mut missing: Vec<&str> = Vec::new();
         for (conv, n) in &take {
-            diesel::update(conversations::table.find(*conv))
+            let bumped = diesel::update(conversations::table.find(*conv))
                 .set(conversations::last_seq.eq(conversations::last_seq + *n))
                 .execute(conn)?;
+            if bumped == 0 && conv.starts_with("dm:") {
+                missing.push(conv);
+            }
+        }
+        if !missing.is_empty() {
+            create_direct(conn, &missing, now)?;
+            for conv in &missing {
+                diesel::update(conversations::table.find(*conv))
+                    .set(conversations::last_seq.eq(conversations::last_seq + take[conv]))
+                    .execute(conn)?;
+            }
         }
         let conv_list: Vec<&str> = take.keys().copied().collect();
         let last: HashMap<String, i64> = conversations::table
@@ -239,6 +219,42 @@ fn store_batch_once(conn: &mut DbConn, batch: &[NewMessage]) -> QueryResult<Batc
             (None, None) => Err(ChatError::unavailable("internal: message not placed")),
         })
         .collect())
+}
+
+/// Create direct conversations (counter at 0) with their parties as members;
+/// insert-or-ignore, so a concurrent creator is no error.
+fn create_direct(conn: &mut DbConn, keys: &[&str], now: i64) -> QueryResult<()> {
+    let convs: Vec<NewConversation> = keys
+        .iter()
+        .map(|k| NewConversation {
+            conv: k,
+            last_seq: 0,
+            created_at: now,
+        })
+        .collect();
+    let parties: Vec<(&str, UserId)> = keys
+        .iter()
+        .filter_map(|k| match ConvKey::parse(k) {
+            Ok(ConvKey::Direct(a, b)) if a == b => Some(vec![(*k, a)]),
+            Ok(ConvKey::Direct(a, b)) => Some(vec![(*k, a), (*k, b)]),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let members_rows: Vec<NewMember> = parties
+        .iter()
+        .map(|(conv, u)| NewMember {
+            conv,
+            user_id: u.as_str(),
+            joined_seq: 0,
+            left_seq: None,
+            delivered_seq: 0,
+            joined_at: now,
+        })
+        .collect();
+    on_backend!(&mut *conn, c => diesel::insert_or_ignore_into(conversations::table).values(&convs).execute(c))?;
+    on_backend!(&mut *conn, c => diesel::insert_or_ignore_into(members::table).values(&members_rows).execute(c))?;
+    Ok(())
 }
 
 /// A page of a conversation's history visible to `user`, newest first, and
