@@ -56,6 +56,8 @@ pub struct NewMember<'a> {
     pub joined_seq: i64,
     pub left_seq: Option<i64>,
     pub delivered_seq: i64,
+    pub gap_from: Option<i64>,
+    pub gap_to: Option<i64>,
     pub joined_at: i64,
 }
 
@@ -87,11 +89,21 @@ impl MessageRow {
     }
 }
 
-/// A member's window on a conversation.
+/// A member's window on a conversation: seqs in (joined_seq, left_seq]
+/// except (gap_from, gap_to].
 #[derive(Clone, Debug, PartialEq, Eq, Queryable, Selectable)]
 #[diesel(table_name = members)]
 pub struct Membership {
     pub joined_seq: i64,
     pub left_seq: Option<i64>,
     pub delivered_seq: i64,
+    pub gap_from: Option<i64>,
+    pub gap_to: Option<i64>,
+}
+
+impl Membership {
+    /// Where the current membership began (history starts after it).
+    pub fn current_join(&self) -> i64 {
+        self.gap_to.unwrap_or(self.joined_seq)
+    }
 }

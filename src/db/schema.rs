@@ -32,6 +32,8 @@ diesel::table! {
         joined_seq -> BigInt,
         left_seq -> Nullable<BigInt>,
         delivered_seq -> BigInt,
+        gap_from -> Nullable<BigInt>,
+        gap_to -> Nullable<BigInt>,
         joined_at -> BigInt,
     }
 }

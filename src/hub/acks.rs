@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use actix::prelude::*;
 
-use super::server::{ChatServer, Reply, SessionId};
+use super::server::{ChatServer, Reply, SessionEvent, SessionId};
 use crate::db::executor::AckBatch;
 use crate::error::ChatError;
 use crate::ids::{ConvKey, UserId};
@@ -28,12 +28,16 @@ pub struct AckRequest {
     pub r#ref: Option<String>,
 }
 
-/// The highest seq asked for a (user, conversation), and who asked it (for an error).
+/// One ack asked: its seq, and who asked it (for the answer).
 type Asked = (i64, SessionId, Option<String>);
+
+/// Acks kept per (user, conversation) while a batch is being written; past
+/// it, the lowest are dropped (a higher ack covers them, unless it is refused).
+const MAX_PER_CONVERSATION: usize = 16;
 
 #[derive(Default)]
 pub struct Acks {
-    pending: HashMap<(UserId, ConvKey), Asked>,
+    pending: HashMap<(UserId, ConvKey), Vec<Asked>>,
     busy: bool,
 }
 
@@ -59,15 +63,15 @@ impl Handler<AckRequest> for ChatServer {
                 ChatError::unavailable("too many acks waiting; retry later"),
             );
         }
-        // A later, higher ack of the same conversation subsumes an earlier one.
-        let entry = self
-            .acks
-            .pending
-            .entry(key)
-            .or_insert((msg.seq, msg.session, None));
-        if msg.seq >= entry.0 {
-            *entry = (msg.seq, msg.session, msg.r#ref);
+        // Every ack is judged on its own (a refused one must not cancel a valid
+        // one before it), but they share one transaction.
+        let asked = self.acks.pending.entry(key).or_default();
+        if asked.len() >= MAX_PER_CONVERSATION {
+            if let Some((i, _)) = asked.iter().enumerate().min_by_key(|(_, a)| a.0) {
+                asked.remove(i);
+            }
         }
+        asked.push((msg.seq, msg.session, msg.r#ref));
         self.kick_acks(ctx);
     }
 }
@@ -78,7 +82,12 @@ impl ChatServer {
             return;
         }
         self.acks.busy = true;
-        let batch: Vec<((UserId, ConvKey), Asked)> = self.acks.pending.drain().collect();
+        let batch: Vec<((UserId, ConvKey), Asked)> = self
+            .acks
+            .pending
+            .drain()
+            .flat_map(|(key, asked)| asked.into_iter().map(move |a| (key.clone(), a)))
+            .collect();
         let items = batch
             .iter()
             .map(|((u, c), (seq, _, _))| (u.clone(), c.clone(), *seq))
@@ -87,21 +96,21 @@ impl ChatServer {
             .send(AckBatch(items))
             .into_actor(self)
             .map(move |res, act, ctx| {
+                let n = batch.len();
                 let results = match res {
-                    Ok(Ok(r)) if r.len() == batch.len() => r,
-                    Ok(Ok(_)) => vec![
-                        Err(ChatError::unavailable("internal: ack result mismatch"));
-                        batch.len()
-                    ],
-                    Ok(Err(e)) => vec![Err(e); batch.len()],
-                    Err(e) => vec![
-                        Err(ChatError::unavailable(format!("database executor: {e}")));
-                        batch.len()
-                    ],
+                    Ok(Ok(r)) if r.len() == n => r,
+                    Ok(Ok(_)) => {
+                        vec![Err(ChatError::unavailable("internal: ack result mismatch")); n]
+                    }
+                    Ok(Err(e)) => vec![Err(e); n],
+                    Err(e) => {
+                        vec![Err(ChatError::unavailable(format!("database executor: {e}"))); n]
+                    }
                 };
                 for ((_, (_, session, r#ref)), r) in batch.into_iter().zip(results) {
-                    if let Err(e) = r {
-                        act.reply_error(Reply::<()>::Session { id: session, r#ref }, e);
+                    match r {
+                        Ok(()) => act.push(session, SessionEvent::AckAccepted),
+                        Err(e) => act.reply_error(Reply::<()>::Session { id: session, r#ref }, e),
                     }
                 }
                 act.acks.busy = false;

@@ -54,6 +54,8 @@ pub enum SessionEvent {
     Frame(ByteString),
     /// An error answering a malformed frame: it counts towards `max_bad_frames`.
     BadFrame(ByteString),
+    /// An `ack` was applied: like any good frame, it ends a run of bad ones.
+    AckAccepted,
     /// Close the connection with this code.
     Close { code: u16, reason: String },
 }

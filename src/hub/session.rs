@@ -195,7 +195,10 @@ impl WsSession {
                 Ok(i) => i,
                 Err(rej) => return self.send_error(ctx, rej.r#ref.as_deref(), &rej.error),
             };
-        self.bad_in_row = 0;
+        // An ack counts as good or bad once the database has judged it.
+        if !matches!(frame, ClientFrame::Ack { .. }) {
+            self.bad_in_row = 0;
+        }
         let id = self.id;
         match frame {
             ClientFrame::Send {
@@ -427,6 +430,7 @@ impl Handler<SessionEvent> for WsSession {
                 None => ctx.text(frame),
             },
             SessionEvent::Frame(frame) => ctx.text(frame),
+            SessionEvent::AckAccepted => self.bad_in_row = 0,
             SessionEvent::BadFrame(frame) => {
                 ctx.text(frame);
                 self.count_bad_frame(ctx);

@@ -5,6 +5,7 @@
 
 mod common;
 mod db;
+mod http;
 mod hub;
 mod process;
 mod ws;

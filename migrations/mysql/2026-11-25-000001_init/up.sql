@@ -25,14 +25,18 @@ CREATE TABLE chat_groups (
     PRIMARY KEY (id)
 ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin;
 
--- Who is in a conversation: a member sees seqs in (joined_seq, left_seq] and
--- has acknowledged everything up to delivered_seq.
+-- Who is in a conversation: a member sees seqs in (joined_seq, left_seq]
+-- except (gap_from, gap_to], and has acknowledged everything up to
+-- delivered_seq. The gap is the time away of a member who left and came back
+-- before acknowledging what they had been sent.
 CREATE TABLE members (
     conv           VARCHAR(140) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     user_id        VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     joined_seq     BIGINT NOT NULL,
     left_seq       BIGINT NULL,
     delivered_seq  BIGINT NOT NULL,
+    gap_from       BIGINT NULL,
+    gap_to         BIGINT NULL,
     joined_at      BIGINT NOT NULL,
     PRIMARY KEY (conv, user_id),
     KEY members_by_user (user_id, conv)

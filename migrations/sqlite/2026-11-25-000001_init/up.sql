@@ -22,14 +22,18 @@ CREATE TABLE chat_groups (
     created_at  BIGINT NOT NULL
 ) WITHOUT ROWID;
 
--- Who is in a conversation: a member sees seqs in (joined_seq, left_seq] and
--- has acknowledged everything up to delivered_seq.
+-- Who is in a conversation: a member sees seqs in (joined_seq, left_seq]
+-- except (gap_from, gap_to], and has acknowledged everything up to
+-- delivered_seq. The gap is the time away of a member who left and came back
+-- before acknowledging what they had been sent.
 CREATE TABLE members (
     conv           TEXT NOT NULL,
     user_id        TEXT NOT NULL,
     joined_seq     BIGINT NOT NULL,
     left_seq       BIGINT NULL,
     delivered_seq  BIGINT NOT NULL,
+    gap_from       BIGINT NULL,
+    gap_to         BIGINT NULL,
     joined_at      BIGINT NOT NULL,
     PRIMARY KEY (conv, user_id)
 ) WITHOUT ROWID;

@@ -634,15 +634,11 @@ impl Client {
                     }
                 }
             }
-            "welcome" => {
-                if !self.synced_once {
-                    self.res.first_welcome = Some(self.conn_started.elapsed());
-                }
+            "welcome" if !self.synced_once => {
+                self.res.first_welcome = Some(self.conn_started.elapsed());
             }
-            "group" => {
-                if f.r#ref.as_deref() == Some("create") {
-                    self.sh.groups_created.fetch_add(1, Relaxed);
-                }
+            "group" if f.r#ref.as_deref() == Some("create") => {
+                self.sh.groups_created.fetch_add(1, Relaxed);
             }
             "error" => {
                 let code = f.code.as_deref().unwrap_or("?").to_string();

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use diesel::prelude::*;
 
 use crate::db::conn::{on_backend, write_txn, DbConn};
-use crate::db::models::{NewConversation, NewMember};
+use crate::db::models::{Membership, NewConversation, NewMember};
 use crate::db::schema::{chat_groups, conversations, members};
 use crate::error::ChatError;
 use crate::ids::{ConvKey, GroupId, UserId};
@@ -74,6 +74,8 @@ pub fn create(
                 joined_seq: last,
                 left_seq: None,
                 delivered_seq: last,
+                gap_from: None,
+                gap_to: None,
                 joined_at: now,
             })
             .collect();
@@ -135,14 +137,19 @@ pub fn add(
                 "{user} is already a member of {group}"
             ))),
             Some(Some(_)) => {
-                // A returning member: a new window from now on. What they had
-                // not acknowledged from their earlier membership is given up
-                // (docs/PROTOCOL.md, "Readings").
+                let m = crate::db::queries::messages::membership(
+                    c,
+                    &ConvKey::Group(group.clone()),
+                    user,
+                )?
+                .ok_or_else(|| ChatError::unavailable("membership vanished"))?;
+                let (joined, gap) = returning_window(&m, last);
                 diesel::update(members::table.find((&conv, user.as_str())))
                     .set((
-                        members::joined_seq.eq(last),
+                        members::joined_seq.eq(joined),
                         members::left_seq.eq(None::<i64>),
-                        members::delivered_seq.eq(last),
+                        members::gap_from.eq(gap.map(|g| g.0)),
+                        members::gap_to.eq(gap.map(|g| g.1)),
                         members::joined_at.eq(now),
                     ))
                     .execute(c)?;
@@ -155,6 +162,8 @@ pub fn add(
                     joined_seq: last,
                     left_seq: None,
                     delivered_seq: last,
+                    gap_from: None,
+                    gap_to: None,
                     joined_at: now,
                 }];
                 on_backend!(&mut *c, inner => diesel::insert_into(members::table).values(&row[..]).execute(inner))?;
@@ -162,6 +171,26 @@ pub fn add(
             }
         }
     })
+}
+
+/// The window of a member who comes back at `last`: what they had not yet
+/// acknowledged of their earlier membership stays theirs; the time away
+/// becomes the gap. One gap is kept: if an earlier gap's first part is still
+/// unacknowledged too, that part is given up (logged).
+fn returning_window(m: &Membership, last: i64) -> (i64, Option<(i64, i64)>) {
+    let left = m.left_seq.unwrap_or(last);
+    if m.delivered_seq >= left {
+        return (last, None);
+    }
+    match (m.gap_from, m.gap_to) {
+        (Some(from), Some(to)) => {
+            if m.delivered_seq < from {
+                log::warn!("a member returning a second time loses messages {}..={from} they never acknowledged", m.delivered_seq + 1);
+            }
+            (to, Some((left, last)))
+        }
+        _ => (m.joined_seq, Some((left, last))),
+    }
 }
 
 /// Remove `user` from `group` (by its owner, or the API when `by` is `None`).

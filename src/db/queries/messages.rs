@@ -249,6 +249,8 @@ fn create_direct(conn: &mut DbConn, keys: &[&str], now: i64) -> QueryResult<()> 
             joined_seq: 0,
             left_seq: None,
             delivered_seq: 0,
+            gap_from: None,
+            gap_to: None,
             joined_at: now,
         })
         .collect();
@@ -294,11 +296,7 @@ fn group_member_floor(conn: &mut DbConn, g: &GroupId, user: &UserId) -> Result<i
     }
     let m = membership(conn, &ConvKey::Group(g.clone()), user)?;
     match m {
-        Some(Membership {
-            joined_seq,
-            left_seq: None,
-            ..
-        }) => Ok(joined_seq),
+        Some(m) if m.left_seq.is_none() => Ok(m.current_join()),
         _ => Err(ChatError::forbidden(format!("not a member of group {g}"))),
     }
 }
@@ -338,6 +336,12 @@ pub fn backlog_page(
             members::left_seq
                 .is_null()
                 .or(messages::seq.le(members::left_seq.assume_not_null())),
+        )
+        .filter(
+            members::gap_from
+                .is_null()
+                .or(messages::seq.le(members::gap_from.assume_not_null()))
+                .or(messages::seq.gt(members::gap_to.assume_not_null())),
         )
         .filter(messages::sender.ne(user.as_str()))
         .filter(
