@@ -96,17 +96,7 @@ impl ChatServer {
             .send(AckBatch(items))
             .into_actor(self)
             .map(move |res, act, ctx| {
-                let n = batch.len();
-                let results = match res {
-                    Ok(Ok(r)) if r.len() == n => r,
-                    Ok(Ok(_)) => {
-                        vec![Err(ChatError::unavailable("internal: ack result mismatch")); n]
-                    }
-                    Ok(Err(e)) => vec![Err(e); n],
-                    Err(e) => {
-                        vec![Err(ChatError::unavailable(format!("database executor: {e}"))); n]
-                    }
-                };
+                let results = super::lanes::per_item(res, batch.len());
                 for ((_, (_, session, r#ref)), r) in batch.into_iter().zip(results) {
                     match r {
                         Ok(()) => act.push(session, SessionEvent::AckAccepted),

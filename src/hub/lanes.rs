@@ -69,6 +69,20 @@ impl Lanes {
     }
 }
 
+/// One result per item of a batch from the DbExecutor's answer: a failed
+/// batch (database down, executor gone) fails every item alike.
+pub(super) fn per_item<T: Clone>(
+    res: Result<Result<Vec<Result<T, ChatError>>, ChatError>, MailboxError>,
+    n: usize,
+) -> Vec<Result<T, ChatError>> {
+    match res {
+        Ok(Ok(r)) if r.len() == n => r,
+        Ok(Ok(_)) => vec![Err(ChatError::unavailable("internal: batch result mismatch")); n],
+        Ok(Err(e)) => vec![Err(e); n],
+        Err(e) => vec![Err(ChatError::unavailable(format!("database executor: {e}"))); n],
+    }
+}
+
 fn group_of(op: &GroupOp) -> &GroupId {
     match op {
         GroupOp::Create { group, .. }
@@ -198,17 +212,7 @@ impl ChatServer {
             .send(dbx::StoreBatch(msgs.clone()))
             .into_actor(self)
             .map(move |res, act, ctx| {
-                let n = msgs.len();
-                let results = match res {
-                    Ok(Ok(r)) if r.len() == n => r,
-                    Ok(Ok(_)) => {
-                        vec![Err(ChatError::unavailable("internal: batch result mismatch")); n]
-                    }
-                    Ok(Err(e)) => vec![Err(e); n],
-                    Err(e) => {
-                        vec![Err(ChatError::unavailable(format!("database executor: {e}"))); n]
-                    }
-                };
+                let results = per_item(res, msgs.len());
                 for ((m, reply), r) in msgs.iter().zip(replies).zip(results) {
                     act.stored(m, reply, r);
                 }

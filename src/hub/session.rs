@@ -126,6 +126,18 @@ impl WsSession {
         }
     }
 
+    fn change_group(&self, op: GroupOp, r#ref: Option<String>) {
+        let by = Some(self.user.clone());
+        server::submit(
+            &self.server,
+            server::ChangeGroup {
+                by,
+                op,
+                reply: reply(self.id, &r#ref),
+            },
+        );
+    }
+
     fn count_bad_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         self.bad_in_row += 1;
         if self.bad_in_row > self.limits.max_bad_frames {
@@ -290,54 +302,24 @@ impl WsSession {
                 members,
             } => {
                 let name = name.unwrap_or_else(|| group.to_string());
-                let op = GroupOp::Create {
-                    group,
-                    name,
-                    owner: self.user.clone(),
-                    members,
-                };
-                server::submit(
-                    &self.server,
-                    server::ChangeGroup {
-                        by: Some(self.user.clone()),
-                        op,
-                        reply: reply(id, &r#ref),
+                let owner = self.user.clone();
+                self.change_group(
+                    GroupOp::Create {
+                        group,
+                        name,
+                        owner,
+                        members,
                     },
+                    r#ref,
                 );
             }
             ClientFrame::GroupAdd { group, user } => {
-                let op = GroupOp::Add { group, user };
-                server::submit(
-                    &self.server,
-                    server::ChangeGroup {
-                        by: Some(self.user.clone()),
-                        op,
-                        reply: reply(id, &r#ref),
-                    },
-                );
+                self.change_group(GroupOp::Add { group, user }, r#ref)
             }
             ClientFrame::GroupRemove { group, user } => {
-                let op = GroupOp::Remove { group, user };
-                server::submit(
-                    &self.server,
-                    server::ChangeGroup {
-                        by: Some(self.user.clone()),
-                        op,
-                        reply: reply(id, &r#ref),
-                    },
-                );
+                self.change_group(GroupOp::Remove { group, user }, r#ref)
             }
-            ClientFrame::GroupLeave { group } => {
-                let op = GroupOp::Leave { group };
-                server::submit(
-                    &self.server,
-                    server::ChangeGroup {
-                        by: Some(self.user.clone()),
-                        op,
-                        reply: reply(id, &r#ref),
-                    },
-                );
-            }
+            ClientFrame::GroupLeave { group } => self.change_group(GroupOp::Leave { group }, r#ref),
             ClientFrame::Groups => {
                 server::submit(
                     &self.server,
