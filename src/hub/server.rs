@@ -91,7 +91,13 @@ impl HubConfig {
             rate_per_sec: c.rate_per_sec,
             rate_burst: c.rate_burst,
             max_sessions_per_user: c.max_sessions_per_user,
-            lanes: c.db_threads.max(1),
+            // SQLite admits one writer at a time, and its busy handler sleeps
+            // rather than queues: several write lanes only take turns badly
+            // (docs/PERFORMANCE.md). MariaDB locks rows, so lanes run in parallel.
+            lanes: match c.database {
+                crate::config::DatabaseUrl::Sqlite(_) => 1,
+                crate::config::DatabaseUrl::Mysql(_) => c.db_threads.max(1),
+            },
             max_lane_queue: 50_000,
             max_batch: 512,
         }

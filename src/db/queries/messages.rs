@@ -51,10 +51,17 @@ fn store_batch_once(conn: &mut DbConn, batch: &[NewMessage]) -> QueryResult<Batc
         .iter()
         .filter_map(|m| m.client_id.as_deref())
         .collect();
+    // Both columns of the unique index, so the lookup reads only candidates.
+    let senders: Vec<&str> = batch
+        .iter()
+        .filter(|m| m.client_id.is_some())
+        .map(|m| m.sender.as_str())
+        .collect();
     let mut known: HashMap<(String, String), Stored> = HashMap::new();
     if !client_ids.is_empty() {
         let rows: Vec<(String, Option<String>, String, i64, i64)> = messages::table
             .filter(messages::client_id.eq_any(&client_ids))
+            .filter(messages::sender.eq_any(&senders))
             .select((
                 messages::sender,
                 messages::client_id,
