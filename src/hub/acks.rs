@@ -82,12 +82,14 @@ impl ChatServer {
             return;
         }
         self.acks.busy = true;
-        let batch: Vec<((UserId, ConvKey), Asked)> = self
+        let mut batch: Vec<((UserId, ConvKey), Asked)> = self
             .acks
             .pending
             .drain()
             .flat_map(|(key, asked)| asked.into_iter().map(move |a| (key.clone(), a)))
             .collect();
+        // One lock order for every batch: by conversation, then user.
+        batch.sort_by(|((u1, c1), _), ((u2, c2), _)| (c1, u1).cmp(&(c2, u2)));
         let items = batch
             .iter()
             .map(|((u, c), (seq, _, _))| (u.clone(), c.clone(), *seq))

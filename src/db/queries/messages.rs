@@ -25,12 +25,23 @@ const MAX_ATTEMPTS: usize = 5;
 /// non-member is `forbidden`, to a missing group `not_found`; the others still
 /// commit. A database failure fails the whole batch (nothing stored).
 pub fn store_batch(conn: &mut DbConn, batch: &[NewMessage]) -> Result<BatchResult, ChatError> {
+    retrying(conn, "store batch", |c| store_batch_once(c, batch))
+}
+
+/// Run a write transaction, again (up to `MAX_ATTEMPTS`) when it failed in a
+/// way that running it again fixes: a deadlock, or a unique clash with a
+/// concurrent writer whose row the next attempt sees.
+fn retrying<T>(
+    conn: &mut DbConn,
+    what: &str,
+    mut f: impl FnMut(&mut DbConn) -> QueryResult<T>,
+) -> Result<T, ChatError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match write_txn(conn, |c| store_batch_once(c, batch)) {
+        match write_txn(conn, &mut f) {
             Err(e) if attempt < MAX_ATTEMPTS && super::is_retryable(&e) => {
-                log::debug!("store batch retried after: {e}");
+                log::debug!("{what} retried after: {e}");
             }
             other => return other.map_err(ChatError::from),
         }
@@ -378,7 +389,7 @@ pub fn ack_batch(
 ) -> Result<Vec<Result<(), ChatError>>, ChatError> {
     let keys: Vec<String> = acks.iter().map(|(_, c, _)| c.to_string()).collect();
     let users: Vec<&str> = acks.iter().map(|(u, _, _)| u.as_str()).collect();
-    write_txn(conn, |c| {
+    retrying(conn, "ack batch", |c| {
         let rows: Vec<(String, String, Option<i64>, i64)> = members::table
             .filter(members::conv.eq_any(&keys))
             .filter(members::user_id.eq_any(&users))
