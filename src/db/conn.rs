@@ -53,6 +53,13 @@ pub fn establish(url: &DatabaseUrl, timeout: Duration) -> Result<DbConn, diesel:
             diesel::sql_query(format!("SET SESSION innodb_lock_wait_timeout = {secs}"))
                 .execute(&mut c)
                 .map_err(setup)?;
+            // READ COMMITTED: no gap locks on plain index scans, so ack and
+            // store transactions lock only the rows they change. Seq
+            // allocation needs no more: its UPDATE locks the counter row and
+            // the read after it sees the transaction's own change.
+            diesel::sql_query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                .execute(&mut c)
+                .map_err(setup)?;
             // MariaDB bounds every statement; MySQL has no such variable, so a failure here is fine.
             let _ = diesel::sql_query(format!("SET SESSION max_statement_time = {secs}"))
                 .execute(&mut c);
