@@ -397,6 +397,27 @@ impl Client {
         }
     }
 
+    /// Read until the server closes: the seqs of the `sent` answers on the
+    /// way are added to `sent`; the close code, if the close frame had one.
+    pub async fn sent_until_close(&mut self, sent: &mut Vec<i64>) -> Option<u16> {
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frames in time")
+            {
+                Some(Ok(WsMessage::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).expect("json");
+                    if v["type"] == "sent" {
+                        sent.push(v["seq"].as_i64().expect("seq"));
+                    }
+                }
+                Some(Ok(WsMessage::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => {}
+                other => panic!("ended without a close frame: {other:?}"),
+            }
+        }
+    }
+
     pub async fn close(mut self) {
         let _ = self
             .ws

@@ -7,9 +7,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -381,22 +379,7 @@ async fn sigterm_stores_what_was_received_closes_1001_and_exits_0() {
         }
     }
     server.sigterm();
-    let code = loop {
-        match tokio::time::timeout(WAIT, a.ws.next())
-            .await
-            .expect("frames in time")
-        {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                if v["type"] == "sent" {
-                    sent.push(v["seq"].as_i64().unwrap());
-                }
-            }
-            Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
-            Some(Ok(_)) => {}
-            other => panic!("ended without a close frame: {other:?}"),
-        }
-    };
+    let code = a.sent_until_close(&mut sent).await;
     assert_eq!(code, Some(1001));
     assert_eq!(sent, (1..=30).collect::<Vec<_>>());
     assert_eq!(b.ended().await, Ended::Closed(1001));

@@ -1234,19 +1234,7 @@ backend_tests! {
         }
         let hub = s.server();
         s.stop().await;
-        let code = loop {
-            match tokio::time::timeout(WAIT, a.ws.next()).await.expect("frames in time") {
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    if v["type"] == "sent" {
-                        sent.push(v["seq"].as_i64().unwrap());
-                    }
-                }
-                Some(Ok(Message::Close(f))) => break f.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => {}
-                other => panic!("ended without a close frame: {other:?}"),
-            }
-        };
+        let code = a.sent_until_close(&mut sent).await;
         assert_eq!(code, Some(1001));
         assert_eq!(sent, (1..=50).collect::<Vec<_>>(), "every send received before the stop is answered `sent`");
         assert_eq!(closed(&mut b).await, Ended::Closed(1001));
