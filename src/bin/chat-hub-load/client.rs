@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::stats::Bitmap;
+use crate::sys::Target;
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -71,13 +72,15 @@ pub struct Plan {
     pub cid_prefix: String,
     /// Source address to connect from (spreads ephemeral ports).
     pub source: Option<IpAddr>,
+    /// Which of the run's servers (`Shared::targets`) this user connects to.
+    pub node: usize,
     pub seed: u64,
 }
 
 /// Settings and counters shared by every client of a run.
 pub struct Shared {
-    pub url: String,
-    pub addr: SocketAddr,
+    /// The servers (nodes of one cluster, or one server); never empty.
+    pub targets: Vec<Target>,
     pub ws_config: WebSocketConfig,
     pub pace: Pace,
     pub duration: Duration,
@@ -681,7 +684,8 @@ async fn close(ws: &mut Ws) -> End {
 }
 
 async fn connect(sh: &Shared, plan: &Plan) -> Result<Ws, String> {
-    let sock = match sh.addr {
+    let target = &sh.targets[plan.node % sh.targets.len()];
+    let sock = match target.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
@@ -690,12 +694,12 @@ async fn connect(sh: &Shared, plan: &Plan) -> Result<Ws, String> {
         sock.bind(SocketAddr::new(ip, 0))
             .map_err(|e| format!("bind {ip}: {e}"))?;
     }
-    let stream = tokio::time::timeout(Duration::from_secs(10), sock.connect(sh.addr))
+    let stream = tokio::time::timeout(Duration::from_secs(10), sock.connect(target.addr))
         .await
         .map_err(|_| "tcp connect timed out".to_string())?
         .map_err(|e| format!("tcp connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let url = format!("{}?token={}", sh.url, plan.token);
+    let url = format!("{}?token={}", target.url, plan.token);
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(20),
         tokio_tungstenite::client_async_with_config(url, stream, Some(sh.ws_config)),

@@ -5,6 +5,11 @@
 //! progress goes to stderr. Exits 1 when anything was lost, out of order,
 //! refused, or the run did not complete; 2 on a usage error.
 //!
+//! `--url` may list several nodes of one cluster, comma-separated: clients are
+//! spread over them (direct: each pair's receiver on the node after its
+//! sender's; group: members round-robin), and `--server-pid` may list their
+//! pids (memory and CPU summed).
+//!
 //! Run the server with the per-user rate limit raised, e.g.
 //! `CHAT_HUB_RATE_PER_SEC=1000000 CHAT_HUB_RATE_BURST=1000000 chat-hub`.
 //! See docs/PERFORMANCE.md.
@@ -41,7 +46,7 @@ fn cli() -> Command {
              Exit status: 0 all delivered in order; 1 loss, disorder, refused sends or an incomplete run; 2 usage.",
         )
         .subcommand_required(true)
-        .arg(g(Arg::new("url").long("url").default_value("ws://127.0.0.1:8080/ws").help("server WebSocket URL (ws:// only)")))
+        .arg(g(Arg::new("url").long("url").value_name("URL[,URL...]").default_value("ws://127.0.0.1:8080/ws").help("server WebSocket URL (ws:// only); several, comma-separated, for the nodes of one cluster: connections are spread over them (direct: sender and receiver on different nodes; group: members round-robin)")))
         .arg(g(Arg::new("secret").long("secret").help("the server's HS256 token secret [default: $CHAT_HUB_JWT_SECRET]")))
         .arg(g(Arg::new("secret_file").long("secret-file").value_name("PATH").help("read the secret from this file (SQLite: <database>.secret)")))
         .arg(g(Arg::new("allow_remote").long("allow-remote").action(ArgAction::SetTrue).help("allow a target that is not a loopback address")))
@@ -53,7 +58,7 @@ fn cli() -> Command {
         .arg(g(Arg::new("deadline").long("deadline").value_name("SECS").value_parser(value_parser!(f64)).help("hard limit for the whole run [default: computed from the others]")))
         .arg(g(Arg::new("body_bytes").long("body-bytes").value_name("N").value_parser(value_parser!(usize)).help("pad message bodies to about N bytes [default: ~30, just the timestamp]")))
         .arg(g(Arg::new("ack_ms").long("ack-ms").value_name("MS").value_parser(value_parser!(u64).range(1..)).default_value("100").help("send cumulative acks this often (per connection, when something new arrived)")))
-        .arg(g(Arg::new("server_pid").long("server-pid").value_name("PID").value_parser(value_parser!(u32)).help("read the server's memory and CPU from /proc/<PID>")))
+        .arg(g(Arg::new("server_pid").long("server-pid").value_name("PID[,PID...]").help("read the server's memory and CPU from /proc/<PID> (several, comma-separated: the sum over the nodes)")))
         .arg(g(Arg::new("sample_secs").long("sample-secs").value_name("SECS").value_parser(value_parser!(f64)).default_value("10").help("sample the server's RSS this often")))
         .arg(g(Arg::new("connect_concurrency").long("connect-concurrency").value_name("N").value_parser(value_parser!(usize)).default_value("200").help("connections being opened at once at start-up")))
         .arg(g(Arg::new("source_addrs").long("source-addrs").value_name("N").value_parser(value_parser!(u8).range(1..=250)).default_value("1").help("connect from 127.0.0.1 .. 127.0.0.N (more ephemeral ports)")))
@@ -94,7 +99,8 @@ fn cli() -> Command {
 
 /// Options every scenario shares.
 struct Common {
-    target: sys::Target,
+    /// The servers to connect to (the nodes of one cluster, or one server).
+    targets: Vec<sys::Target>,
     keys: TokenKeys,
     window: Option<u64>,
     rate: Option<f64>,
@@ -104,7 +110,8 @@ struct Common {
     deadline: Option<f64>,
     body_pad: String,
     ack_ms: u64,
-    server_pid: Option<u32>,
+    /// Server processes to read memory and CPU of (summed); empty: none.
+    server_pids: Vec<u32>,
     sample_secs: f64,
     connect_concurrency: usize,
     source_addrs: u8,
@@ -117,14 +124,20 @@ struct Common {
 impl Common {
     fn from(m: &ArgMatches) -> Result<Common, String> {
         let url = m.get_one::<String>("url").cloned().unwrap_or_default();
-        let target = sys::parse_target(&url)?;
+        let targets = sys::parse_targets(&url)?;
         let allow_remote = m.get_flag("allow_remote");
-        if !target.loopback && !allow_remote {
-            return Err(format!(
-                "refusing to load {url} ({}): not a loopback address; pass --allow-remote if you really mean it",
-                target.addr
-            ));
+        for target in &targets {
+            if !target.loopback && !allow_remote {
+                return Err(format!(
+                    "refusing to load {} ({}): not a loopback address; pass --allow-remote if you really mean it",
+                    target.url, target.addr
+                ));
+            }
         }
+        let server_pids = match m.get_one::<String>("server_pid") {
+            Some(s) => sys::parse_pids(s)?,
+            None => Vec::new(),
+        };
         let secret = match (m.get_one::<String>("secret_file"), m.get_one::<String>("secret")) {
             (Some(path), _) => std::fs::read_to_string(path)
                 .map_err(|e| format!("--secret-file {path}: {e}"))?
@@ -179,7 +192,10 @@ impl Common {
             }
         }
         let mut params = Map::new();
-        params.insert("url".into(), json!(target.url));
+        let urls: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
+        params.insert("url".into(), json!(urls.join(",")));
+        params.insert("urls".into(), json!(urls));
+        params.insert("nodes".into(), json!(targets.len()));
         params.insert("prefix".into(), json!(prefix));
         params.insert("quick".into(), json!(m.get_flag("quick")));
         params.insert("body_bytes".into(), json!(body_bytes));
@@ -193,7 +209,7 @@ impl Common {
             }),
         );
         Ok(Common {
-            target,
+            targets,
             keys: TokenKeys::new(&secret),
             window: m.get_one::<u64>("window").copied(),
             rate,
@@ -203,7 +219,7 @@ impl Common {
             deadline: m.get_one::<f64>("deadline").copied(),
             body_pad,
             ack_ms: m.get_one::<u64>("ack_ms").copied().unwrap_or(100),
-            server_pid: m.get_one::<u32>("server_pid").copied(),
+            server_pids,
             sample_secs: m.get_one::<f64>("sample_secs").copied().unwrap_or(10.0),
             connect_concurrency: m
                 .get_one::<usize>("connect_concurrency")
@@ -224,7 +240,7 @@ impl Common {
     }
 
     fn source(&self, i: usize) -> Option<IpAddr> {
-        (self.source_addrs > 1 && self.target.addr.is_ipv4()).then(|| {
+        (self.source_addrs > 1 && self.targets.iter().all(|t| t.addr.is_ipv4())).then(|| {
             IpAddr::V4(Ipv4Addr::new(
                 127,
                 0,
@@ -234,6 +250,12 @@ impl Common {
         })
     }
 
+    /// The node the `i`-th user of a spread connects to (round-robin).
+    fn node(&self, i: usize) -> usize {
+        i % self.targets.len()
+    }
+
+    /// A user connecting to the first node (scenarios set `node` to spread them).
     fn plan(&self, user: String, idx: usize) -> Result<Plan, String> {
         let cid_prefix = if self.counter_cids {
             "c".to_string()
@@ -252,6 +274,7 @@ impl Common {
             create: None,
             churn: false,
             source: self.source(idx),
+            node: 0,
             seed: idx as u64 + 1,
         })
     }
@@ -289,7 +312,7 @@ struct Run {
     phase: watch::Sender<Phase>,
     handles: Vec<JoinHandle<ClientResult>>,
     n_senders: usize,
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     sample_every: Duration,
     samples: Vec<Value>,
     t0: Instant,
@@ -316,8 +339,7 @@ impl Run {
             .unwrap_or_default()
             .as_micros() as u64;
         let sh = Arc::new(Shared {
-            url: c.target.url.clone(),
-            addr: c.target.addr,
+            targets: c.targets.clone(),
             ws_config: s.ws_config,
             pace: s.pace,
             duration: s.duration,
@@ -344,7 +366,7 @@ impl Run {
             phase,
             handles: Vec::new(),
             n_senders: 0,
-            server_pid: c.server_pid,
+            server_pids: c.server_pids.clone(),
             sample_every: Duration::from_secs_f64(c.sample_secs),
             samples: Vec::new(),
             t0: Instant::now(),
@@ -372,9 +394,9 @@ impl Run {
     }
 
     fn sample(&mut self, force: bool) {
-        let Some(pid) = self.server_pid else {
+        if self.server_pids.is_empty() {
             return;
-        };
+        }
         let t = self.t0.elapsed().as_secs_f64();
         let last = self
             .samples
@@ -382,8 +404,10 @@ impl Run {
             .and_then(|s| s[0].as_f64())
             .unwrap_or(f64::NEG_INFINITY);
         if force || t - last >= self.sample_every.as_secs_f64() {
-            self.samples
-                .push(json!([(t * 10.0).round() / 10.0, sys::rss_kib(pid)]));
+            self.samples.push(json!([
+                (t * 10.0).round() / 10.0,
+                sys::rss_kib_sum(&self.server_pids)
+            ]));
         }
     }
 
@@ -762,7 +786,10 @@ async fn direct(c: &Common, m: &ArgMatches, soak: bool) -> Result<Outcome, Strin
             fanout: 1,
             offset: offset(&pace, i, pairs),
         });
+        // With several nodes, the receiver is on the node after the sender's.
+        sp.node = c.node(i);
         let mut rp = c.plan(r, 2 * i + 1)?;
+        rp.node = c.node(i + 1);
         rp.expect = vec![conv];
         rp.churn = soak && churn > 0.0;
         run.spawn(sp);
@@ -790,7 +817,7 @@ async fn drive(
     mut fields: Map<String, Value>,
 ) -> Result<Outcome, String> {
     let cpu0 = sys::cpu_secs("self");
-    let srv_cpu0 = c.server_pid.and_then(|p| sys::cpu_secs(&p.to_string()));
+    let srv_cpu0 = sys::cpu_secs_sum(&c.server_pids);
     run.sample(true);
     let ready = run
         .wait_ready(clients, groups, connect_limit(clients))
@@ -805,7 +832,7 @@ async fn drive(
             .await;
         run.progress("finishing");
     }
-    let srv_cpu1 = c.server_pid.and_then(|p| sys::cpu_secs(&p.to_string()));
+    let srv_cpu1 = sys::cpu_secs_sum(&c.server_pids);
     let cpu1 = sys::cpu_secs("self");
     run.sample(true);
     let results = run.finish().await;
@@ -823,7 +850,7 @@ async fn drive(
         json!(srv_cpu0.zip(srv_cpu1).map(|(a, b)| round3(b - a))),
     );
     fields.insert("active_secs".into(), json!(active.map(round3)));
-    if c.server_pid.is_some() {
+    if !c.server_pids.is_empty() {
         fields.insert("server_rss_kib".into(), Value::Array(run.samples.clone()));
     }
     fields.insert("complete".into(), json!(run.complete));
@@ -875,6 +902,8 @@ async fn group(c: &Common, m: &ArgMatches) -> Result<Outcome, String> {
                 offset: offset(&pace, idx, n),
             });
             p.expect = vec![format!("group:{gid}")];
+            // Members round-robin over the nodes; the creator's node turns with the group.
+            p.node = c.node(g + k);
             if k == 0 {
                 let others = serde_json::to_string(&users[1..]).unwrap_or_default();
                 p.create = Some(format!(
@@ -931,6 +960,7 @@ async fn backlog(c: &Common, m: &ArgMatches) -> Result<Outcome, String> {
             },
         );
         let mut sp = c.plan(s.clone(), 0)?;
+        sp.node = c.node(rep);
         sp.send = Some(SendPlan {
             to_json: format!(r#"{{"user":"{r}"}}"#),
             quota: n,
@@ -962,6 +992,7 @@ async fn backlog(c: &Common, m: &ArgMatches) -> Result<Outcome, String> {
             },
         );
         let mut rp = c.plan(r.clone(), 1)?;
+        rp.node = c.node(rep + 1);
         rp.expect = vec![dm(&s, &r)];
         read.spawn(rp);
         let ready = read.wait_ready(1, 0, Duration::from_secs(60)).await;
@@ -1048,8 +1079,7 @@ async fn connections(c: &Common, m: &ArgMatches) -> Result<Outcome, String> {
         .copied()
         .unwrap_or(if c.quick { 1.0 } else { 15.0 });
     let nofile = sys::ensure_nofile(n as u64 + 64)?;
-    let pid = c.server_pid;
-    let rss = || pid.and_then(sys::rss_kib);
+    let rss = || sys::rss_kib_sum(&c.server_pids);
     let rss_before = rss();
     let mut run = Run::new(
         c,
@@ -1062,7 +1092,8 @@ async fn connections(c: &Common, m: &ArgMatches) -> Result<Outcome, String> {
         },
     );
     for i in 0..n {
-        let p = c.plan(format!("{}c{i}", c.prefix), i)?;
+        let mut p = c.plan(format!("{}c{i}", c.prefix), i)?;
+        p.node = c.node(i);
         run.spawn(p);
     }
     let t0 = Instant::now();
@@ -1204,7 +1235,8 @@ fn main() -> ExitCode {
     line.insert("started_unix".into(), json!(started));
     let mut params = common.params.clone();
     params.insert("generator_threads".into(), json!(threads));
-    params.insert("server_pid".into(), json!(common.server_pid));
+    params.insert("server_pid".into(), json!(common.server_pids.first()));
+    params.insert("server_pids".into(), json!(common.server_pids));
     line.insert("params".into(), Value::Object(params));
     line.extend(outcome.fields);
     println!("{}", Value::Object(line));

@@ -14,6 +14,35 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Resident memory of several processes (the nodes of a cluster) in KiB,
+/// summed; `None` when there are none or one cannot be read.
+pub fn rss_kib_sum(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| rss_kib(*p)).sum()
+}
+
+/// CPU seconds of several processes, summed; `None` when there are none or
+/// one cannot be read.
+pub fn cpu_secs_sum(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
+}
+
+/// `--server-pid 12,34`: one or more process ids.
+pub fn parse_pids(s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("--server-pid {s:?}: {p:?} is not a process id"))
+        })
+        .collect()
+}
+
 /// User + system CPU time of a process in seconds (/proc/<pid>/stat, 100 Hz ticks).
 pub fn cpu_secs(pid: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -75,6 +104,20 @@ pub struct Target {
     pub loopback: bool,
 }
 
+/// `--url`: one URL, or several separated by commas (the nodes of one cluster).
+pub fn parse_targets(urls: &str) -> Result<Vec<Target>, String> {
+    let targets = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(parse_target)
+        .collect::<Result<Vec<_>, _>>()?;
+    if targets.is_empty() {
+        return Err("--url: no URL given".into());
+    }
+    Ok(targets)
+}
+
 pub fn parse_target(url: &str) -> Result<Target, String> {
     let rest = url
         .strip_prefix("ws://")
@@ -122,12 +165,24 @@ mod tests {
         assert!(parse_target("ws://localhost:9/ws").unwrap().loopback);
         assert!(!parse_target("ws://10.1.2.3:80/ws").unwrap().loopback);
         assert!(parse_target("http://127.0.0.1/ws").is_err());
+        let ts = parse_targets("ws://127.0.0.1:8081/ws, ws://127.0.0.1:8082/ws,").unwrap();
+        assert_eq!(ts.len(), 2);
+        assert_eq!(ts[1].addr.port(), 8082);
+        assert_eq!(ts[1].url, "ws://127.0.0.1:8082/ws");
+        assert!(parse_targets(" , ").is_err());
+        assert!(parse_targets("ws://127.0.0.1:1/ws,http://127.0.0.1/").is_err());
+        assert_eq!(parse_pids("12, 34").unwrap(), vec![12, 34]);
+        assert!(parse_pids("12,x").is_err());
     }
 
     #[test]
     fn own_process() {
         assert!(cpu_secs("self").is_some());
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        let me = std::process::id();
+        assert_eq!(rss_kib_sum(&[]), None);
+        assert!(rss_kib_sum(&[me, me]).unwrap() >= 2 * rss_kib(me).unwrap() / 2);
+        assert!(cpu_secs_sum(&[me]).is_some());
         assert!(ensure_nofile(10).is_ok());
     }
 }
