@@ -502,7 +502,12 @@ async def group_across_nodes():
             want = sorted(all_seqs - own[c.user])
             await until(lambda: len(c.seen.get(conv, ())) >= len(want), 15)
             got = [f["seq"] for f in c.msgs if f["conv"] == conv]
-            check(got == want, f"{c.label()}: received {len(got)} messages {got[:12]}..., expected {len(want)} in seq order")
+            if got != want:
+                missing = sorted(set(want) - set(got))
+                who = {seq: x.label() for x in clients for cid, (seq, _, _) in x.sent.items()
+                       if cid.startswith(f"{g}-") and seq in missing}
+                raise AssertionError(f"{c.label()}: received {len(got)} of {len(want)} messages; missing "
+                                     f"{[(q, who.get(q)) for q in missing[:8]]}; order ok: {got == sorted(got)}")
         bodies = {f["seq"]: (f["from"], f["body"]) for f in clients[0].msgs if f["conv"] == conv}
         for c in clients[1:]:
             for f in c.msgs:
@@ -656,12 +661,15 @@ async def node_killed_during_traffic():
     pairs = [(u(f"ks{i}"), u(f"kr{i}"), 0 if i % 2 == 0 else 2) for i in range(4)]
     senders = [Client(s, node) for s, _, node in pairs]
     receivers = [Client(r, victim, auto_ack=True) for _, r, _ in pairs]
+    # And one user of the victim sending to a user on node 3, who stays connected.
+    vs, vr = Client(u("kvs"), victim), Client(u("kvr"), 2, auto_ack=True)
     again = []
     pumps = []
     try:
-        await open_all(senders + receivers)
+        await open_all(senders + receivers + [vs, vr])
         pumps = [Pump(s, r, f"k{i}-{RUN}") for i, (s, (_, r, _)) in enumerate(zip(senders, pairs))]
-        await until(lambda: all(len(p.sent_seqs()) >= 20 for p in pumps), 10)
+        vpump = Pump(vs, vr.user, f"kv-{RUN}")
+        await until(lambda: all(len(p.sent_seqs()) >= 20 for p in pumps + [vpump]), 10)
         await kill(f"node{victim + 1}", signal.SIGKILL)
         killed_at = time.monotonic()
         for r in receivers:
@@ -707,10 +715,24 @@ async def node_killed_during_traffic():
                 check(not x.disorder, f"{x.label()}: out of order {x.disorder[:5]}")
         log(f"{sum(len(p.sent_seqs()) for p in pumps)} messages `sent`, all received; "
             f"{sum(len(c.backlog) for c in again)} came in the reconnect backlogs")
+        # What the victim's own user had `sent` before the kill reaches node 3's
+        # user: live, or at the latest on reconnect.
+        conv = dm(vs.user, vr.user)
+        want = vpump.sent_seqs()
+        live = len(want & vr.seen.get(conv, set()))
+        await vr.close()
+        vr2 = Client(vr.user, NGINX, seen=vr.seen)
+        again.append(vr2)
+        await vr2.open()
+        missing = sorted(want - vr2.seen.get(conv, set()))
+        check(not missing, f"{vr.user}: {len(missing)} of {len(want)} messages `sent` on the killed node never "
+                           f"arrived: {missing[:10]}")
+        check(not vr.disorder and not vr2.disorder, f"out of order: {vr.disorder[:5]} {vr2.disorder[:5]}")
+        log(f"the killed node's sender: {len(want)} `sent`, {live} live on node 3, {len(vr2.backlog)} in the backlog")
     finally:
         for p in pumps:
             p.stop.set()
-        await close_all(senders + receivers + again)
+        await close_all(senders + receivers + again + [vs, vr])
         if not alive(pid_of(f"node{victim + 1}")):
             await start_node(victim)
     await wait_cluster(timeout=3 * PEER_BEAT_SECS + 10)
