@@ -52,8 +52,22 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+ONLY = ENV.get("E2E_ONLY", "")  # run only the checks whose name contains this (debugging)
+REPEAT = int(ENV.get("E2E_REPEAT", "1"))  # run each check this many times (hunting flakes)
+
+
 async def run_check(name, coro_fn, *args, timeout=150):
+    if ONLY and ONLY not in name:
+        return True
+    ok = True
+    for _ in range(REPEAT):
+        ok &= await run_check_once(name, coro_fn, *args, timeout=timeout)
+    return ok
+
+
+async def run_check_once(name, coro_fn, *args, timeout=150):
     t0 = time.monotonic()
+    ROUND[0] += 1
     try:
         await asyncio.wait_for(coro_fn(*args), timeout)
         results.append((name, True))
@@ -417,8 +431,11 @@ def is_group_event(event, group, user=None):
                       and (user is None or f.get("user") == user))
 
 
+ROUND = [0]  # bumped per check run, so that repeated checks use fresh users and groups
+
+
 def u(name):
-    return f"{name}-{RUN}"
+    return f"{name}-{RUN}" + (f"-{ROUND[0]}" if ROUND[0] else "")
 
 
 # ---------------------------------------------------------------- checks

@@ -6,6 +6,8 @@
 #   bash tests/cluster/run.sh             # uses target/debug/chat-hub
 #   CHAT_HUB_BIN=/path/to/chat-hub bash tests/cluster/run.sh
 #   KEEP_TMP=1 bash tests/cluster/run.sh  # keep the temp dir (logs, configs) and the database
+#   E2E_ONLY=presence E2E_REPEAT=10 bash tests/cluster/run.sh
+#                                         # only the checks named so, each ten times (flakes)
 #
 # The binary must be built with `--features mysql`. MariaDB must answer at
 # $CHAT_HUB_TEST_MYSQL_URL (default mysql://root@127.0.0.1:3306, no password);
