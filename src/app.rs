@@ -5,13 +5,14 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use actix::{Actor, Addr};
+use actix::Addr;
 use actix_web::{web, App, HttpServer};
 
 use crate::auth::TokenKeys;
 use crate::config::Config;
 use crate::db::{self, DbExecutor};
 use crate::http::{self, AppState};
+use crate::hub::cluster::ClusterConfig;
 use crate::hub::server::{ChatServer, HubConfig, Shutdown};
 use crate::hub::session::SessionLimits;
 
@@ -40,7 +41,17 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         db::queries::groups::all(&mut c)?
     };
     let dbx = DbExecutor::start(cfg.db_threads, pool.clone());
-    let server = ChatServer::new(dbx.clone(), HubConfig::from_config(&cfg), groups).start();
+    let cluster = cfg.redis_url.as_ref().map(|url| ClusterConfig {
+        redis_url: url.clone(),
+        node: cfg.node_id.clone(),
+        prefix: cfg.redis_prefix.clone(),
+    });
+    let server = ChatServer::start_with(dbx.clone(), HubConfig::from_config(&cfg), groups, cluster)
+        .map_err(anyhow::Error::msg)?;
+    crate::metrics::METRICS
+        .node_info
+        .with_label_values(&[cfg.node_id.as_str()])
+        .set(1);
     if cfg.dev_login {
         log::warn!("CHAT_HUB_DEV_LOGIN is on: POST /dev/token hands out a token for any user name; never use it in production");
     }
@@ -73,10 +84,20 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let srv = srv.run();
     let handle = srv.handle();
     let task = actix_web::rt::spawn(srv);
-    log::info!(
-        "chat-hub listening on http://{addr} (database {})",
-        cfg.database.redacted()
-    );
+    match &cfg.redis_url {
+        Some(url) => log::info!(
+            "chat-hub node {} listening on http://{addr} (database {}, cluster through {} with prefix {})",
+            cfg.node_id,
+            cfg.database.redacted(),
+            redacted_redis(url),
+            cfg.redis_prefix
+        ),
+        None => log::info!(
+            "chat-hub node {} listening on http://{addr} (database {}, standalone)",
+            cfg.node_id,
+            cfg.database.redacted()
+        ),
+    }
     Ok(Running {
         addr,
         server,
@@ -111,4 +132,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     running.shutdown().await;
     log::info!("stopped");
     Ok(())
+}
+
+/// A Redis URL without its password, for logs.
+fn redacted_redis(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***@{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_string(),
+    }
 }

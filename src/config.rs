@@ -91,6 +91,12 @@ pub struct Config {
     pub max_sessions_per_user: usize,
     pub max_connections: usize,
     pub trusted_proxies: Vec<IpAddr>,
+    /// Cluster mode: the Redis that joins the nodes (`None`: this node runs alone).
+    pub redis_url: Option<String>,
+    /// This node's name in logs, metrics and the cluster (default `<hostname>-<port>`).
+    pub node_id: String,
+    /// Prefix of every Redis channel, so that several clusters can share one Redis.
+    pub redis_prefix: String,
 }
 
 /// One setting: its key in the TOML file, its environment variable, whether it
@@ -123,6 +129,9 @@ const SETTINGS: &[Setting] = &[
     Setting { key: "max_sessions_per_user", env: "CHAT_HUB_MAX_SESSIONS_PER_USER", flag: true, default: "16", help: "open WebSocket sessions per user; the oldest is closed past it" },
     Setting { key: "max_connections", env: "CHAT_HUB_MAX_CONNECTIONS", flag: true, default: "25000", help: "open connections per worker thread" },
     Setting { key: "trusted_proxies", env: "CHAT_HUB_TRUSTED_PROXIES", flag: true, default: "", help: "comma-separated proxy IPs whose X-Forwarded-For / X-Real-IP are believed" },
+    Setting { key: "redis_url", env: "CHAT_HUB_REDIS_URL", flag: true, default: "", help: "redis://host:port/ of the Redis that joins several nodes into one cluster (unset: this node runs alone)" },
+    Setting { key: "node_id", env: "CHAT_HUB_NODE_ID", flag: true, default: "", help: "this node's id in logs, metrics and the cluster: letters, digits, . _ - : (default: <hostname>-<port>)" },
+    Setting { key: "redis_prefix", env: "CHAT_HUB_REDIS_PREFIX", flag: true, default: "chat-hub", help: "prefix of the cluster's Redis channels (several clusters can share one Redis)" },
 ];
 
 /// Where a raw value came from, for error messages.
@@ -238,7 +247,7 @@ impl Config {
             }
         }
         let mut get = Getter { raw: &raw };
-        let cfg = Config {
+        let mut cfg = Config {
             bind: get.parse(
                 "bind",
                 "an ip:port such as 127.0.0.1:8080 or 0.0.0.0:8080",
@@ -310,7 +319,13 @@ impl Config {
                 "a comma-separated list of IP addresses",
                 |v| split_list(v).iter().map(|s| s.parse().ok()).collect(),
             )?,
+            redis_url: get.optional("redis_url"),
+            node_id: get.optional("node_id").unwrap_or_default(),
+            redis_prefix: get.optional("redis_prefix").unwrap_or_default(),
         };
+        if cfg.node_id.is_empty() {
+            cfg.node_id = default_node_id(cfg.bind.port());
+        }
         cfg.check()?;
         Ok(cfg)
     }
@@ -336,6 +351,26 @@ impl Config {
                  so it needs a loopback address such as 127.0.0.1 or [::1]",
                 self.bind
             ));
+        }
+        if let Some(u) = &self.redis_url {
+            if !u.starts_with("redis://") && !u.starts_with("unix://") {
+                return Err(format!(
+                    "CHAT_HUB_REDIS_URL {u:?}: expected redis://host:port/ (or unix:///path/to/redis.sock)"
+                ));
+            }
+        }
+        for (name, v) in [
+            ("CHAT_HUB_NODE_ID", &self.node_id),
+            ("CHAT_HUB_REDIS_PREFIX", &self.redis_prefix),
+        ] {
+            let ok = (1..=64).contains(&v.len())
+                && v.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+            if !ok {
+                return Err(format!(
+                    "{name} {v:?}: use 1 to 64 letters, digits, '.', '_', '-' or ':'"
+                ));
+            }
         }
         if let Some(s) = &self.jwt_secret {
             if s.len() < 16 {
@@ -365,6 +400,24 @@ impl Config {
         self.jwt_secret = Some(secret.clone());
         Ok(secret)
     }
+}
+
+/// `<hostname>-<port>`: stable across restarts of one instance, distinct
+/// between the instances of one host.
+fn default_node_id(port: u16) -> String {
+    let host: String = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(48)
+        .collect();
+    let host = if host.is_empty() {
+        "node".to_string()
+    } else {
+        host
+    };
+    format!("{host}-{port}")
 }
 
 fn secret_path(db: &Path) -> PathBuf {

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod executor;
 pub mod models;
 pub mod queries;
+pub mod range;
 pub mod schema;
 
 pub use conn::{build_pool, open_pool, DbConn, Pool};

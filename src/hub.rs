@@ -2,6 +2,7 @@
 //! one [`server::ChatServer`] actor that routes between them.
 
 pub mod acks;
+pub mod cluster;
 mod lanes;
 pub mod rate;
 pub mod server;

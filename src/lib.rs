@@ -9,6 +9,7 @@ compile_error!(
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -8,7 +8,6 @@ use chat_hub::ids::UserId;
 
 fn main() -> ExitCode {
     let matches = config::command().get_matches();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let mut cfg = match Config::load(&matches) {
         Ok(c) => c,
         Err(e) => {
@@ -16,6 +15,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logging(&cfg.node_id);
     if let Some(("token", m)) = matches.subcommand() {
         let user = m
             .get_one::<String>("user")
@@ -44,4 +44,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// env_logger's format with this node's id in every line (`RUST_LOG` as usual).
+fn init_logging(node: &str) {
+    use std::io::Write;
+    let node = node.to_string();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(move |buf, record| {
+            writeln!(
+                buf,
+                "[{} {:<5} {} {}] {}",
+                buf.timestamp_millis(),
+                record.level(),
+                node,
+                record.target(),
+                record.args()
+            )
+        })
+        .init();
 }

@@ -31,6 +31,18 @@ pub struct Metrics {
     pub server_mailbox: IntGauge,
     /// Sends and group changes waiting for their lane's transaction.
     pub queued_writes: IntGauge,
+    /// `chat_hub_node_info{node}` 1: this node's id (set at start).
+    pub node_info: IntGaugeVec,
+    /// 1 while connected to the cluster's Redis, 0 otherwise (and standalone).
+    pub bus_up: IntGauge,
+    /// Other nodes of the cluster heard from lately.
+    pub cluster_nodes: IntGauge,
+    pub bus_published: IntCounter,
+    pub bus_received: IntCounter,
+    /// Bus messages not published: Redis down or the outbound queue full.
+    pub bus_dropped: IntCounter,
+    /// Messages fetched from the database to fill a gap in a conversation's live order.
+    pub gap_fills: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -78,7 +90,45 @@ impl Metrics {
         .expect("valid metric");
         r.register(Box::new(db_seconds.clone()))
             .expect("registered once");
+        let node_info = IntGaugeVec::new(
+            Opts::new("chat_hub_node_info", "This node's id (always 1)"),
+            &["node"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(node_info.clone()))
+            .expect("registered once");
         Metrics {
+            node_info,
+            bus_up: gauge(
+                &r,
+                "chat_hub_cluster_bus_up",
+                "1 while connected to the cluster's Redis",
+            ),
+            cluster_nodes: gauge(
+                &r,
+                "chat_hub_cluster_nodes",
+                "Other nodes of the cluster heard from in the last 15 s",
+            ),
+            bus_published: counter(
+                &r,
+                "chat_hub_cluster_published_total",
+                "Messages published on the cluster bus",
+            ),
+            bus_received: counter(
+                &r,
+                "chat_hub_cluster_received_total",
+                "Messages received from the cluster bus",
+            ),
+            bus_dropped: counter(
+                &r,
+                "chat_hub_cluster_dropped_total",
+                "Bus messages not published (Redis down or queue full)",
+            ),
+            gap_fills: counter(
+                &r,
+                "chat_hub_cluster_gap_fills_total",
+                "Messages read from the database to fill a gap in live order",
+            ),
             connections: gauge(
                 &r,
                 "chat_hub_connections_open",

@@ -33,7 +33,7 @@ impl DbExecutor {
         Ok(self.pool.get()?)
     }
 
-    fn timed<T>(
+    pub(crate) fn timed<T>(
         &self,
         op: &'static str,
         f: impl FnOnce(&mut PooledConn) -> Result<T, ChatError>,

@@ -274,32 +274,16 @@ impl ChatServer {
             client_id: m.client_id.clone(),
         };
         let frame = ServerFrame::Message(&view).to_text();
+        if let ConvKey::Direct(a, b) = &stored.conv {
+            self.note_direct_peers(a, b);
+        }
+        self.cluster_publish_message(&stored.conv, stored.seq, &frame);
         let ev = SessionEvent::Message {
             conv: Arc::from(view.conv.as_str()),
             seq: stored.seq,
             frame,
         };
-        let recipients: Vec<UserId> = match &stored.conv {
-            ConvKey::Direct(a, b) => {
-                self.note_direct_peers(a, b);
-                if a == b {
-                    vec![a.clone()]
-                } else {
-                    vec![a.clone(), b.clone()]
-                }
-            }
-            ConvKey::Group(g) => self
-                .groups
-                .get(g)
-                .map(|s| s.members.iter().cloned().collect())
-                .unwrap_or_default(),
-        };
-        let mut n = 0;
-        for u in &recipients {
-            n += self.push_user(u, &ev, origin);
-        }
-        self.stats.messages_delivered += n as u64;
-        METRICS.messages_delivered.inc_by(n as u64);
+        self.deliver(&stored.conv, stored.seq, ev, origin);
     }
 
     fn run_group(&mut self, lane: usize, p: PendingGroup, ctx: &mut Context<Self>) {
@@ -373,6 +357,7 @@ impl ChatServer {
             .iter()
             .filter_map(|m| UserId::parse(m).ok())
             .collect();
+        let extra_user = extra.clone();
         recipients.extend(extra);
         let plain = SessionEvent::Frame(
             ServerFrame::Group {
@@ -387,6 +372,9 @@ impl ChatServer {
         };
         for u in &recipients {
             self.push_user(u, &plain, requester);
+        }
+        if let SessionEvent::Frame(frame) = &plain {
+            self.cluster_publish_group(&view, frame, extra_user.as_ref());
         }
         match p.reply {
             Reply::Session { id, r#ref } => {

@@ -13,6 +13,7 @@ use bytestring::ByteString;
 use tokio::sync::oneshot;
 
 use super::acks::Acks;
+use super::cluster::ClusterState;
 use super::lanes::Lanes;
 use super::rate::TokenBucket;
 use crate::config::Config;
@@ -138,6 +139,8 @@ pub struct ChatServer {
     draining: Option<Vec<oneshot::Sender<()>>>,
     drained: bool,
     pub(super) stats: Stats,
+    /// Cluster mode (`CHAT_HUB_REDIS_URL`); `None` standalone.
+    pub(super) cluster: Option<ClusterState>,
 }
 
 /// Counters the server keeps (read by tests and `/metrics`).
@@ -152,6 +155,12 @@ pub struct Stats {
     pub evictions: u64,
     pub rate_limited: u64,
     pub rejected: HashMap<&'static str, u64>,
+    /// Cluster mode: connected to Redis.
+    pub bus_up: bool,
+    /// Cluster mode: other nodes heard from.
+    pub cluster_nodes: usize,
+    /// Cluster mode: users online on other nodes.
+    pub remote_users: usize,
 }
 
 impl ChatServer {
@@ -172,6 +181,7 @@ impl ChatServer {
             draining: None,
             drained: false,
             stats: Stats::default(),
+            cluster: None,
         };
         for g in groups {
             s.cache_group(&g);
@@ -189,30 +199,92 @@ impl ChatServer {
             .iter()
             .filter_map(|m| UserId::parse(m).ok())
             .collect();
-        if let Some(old) = self.groups.get(&id) {
-            for gone in old.members.difference(&members) {
-                if let Some(set) = self.user_groups.get_mut(gone) {
-                    set.remove(&id);
-                    if set.is_empty() {
-                        self.user_groups.remove(gone);
-                    }
+        let empty = BTreeSet::new();
+        let old = self.groups.get(&id).map_or(&empty, |o| &o.members);
+        let gone: Vec<UserId> = old.difference(&members).cloned().collect();
+        let added: Vec<UserId> = members.difference(old).cloned().collect();
+        for u in &gone {
+            if let Some(set) = self.user_groups.get_mut(u) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.user_groups.remove(u);
                 }
             }
         }
-        for m in &members {
+        for m in &added {
             self.user_groups
                 .entry(m.clone())
                 .or_default()
                 .insert(id.clone());
         }
         self.groups.insert(
-            id,
+            id.clone(),
             GroupState {
                 name: g.name.clone(),
                 owner,
                 members,
             },
         );
+        self.cluster_members_changed(&id, &added, &gone);
+    }
+
+    /// Whether `user` has a session on this node.
+    pub(super) fn is_online_here(&self, user: &UserId) -> bool {
+        self.online.contains_key(user)
+    }
+
+    pub(super) fn online_count(&self) -> usize {
+        self.online.len()
+    }
+
+    pub(super) fn online_users(&self) -> Vec<String> {
+        self.online.keys().map(UserId::to_string).collect()
+    }
+
+    /// Queue a stored message for every session here of its conversation's
+    /// users (members, for a group), except `skip`.
+    pub(super) fn push_conv(
+        &mut self,
+        conv: &crate::ids::ConvKey,
+        ev: &SessionEvent,
+        skip: Option<SessionId>,
+    ) -> usize {
+        use crate::ids::ConvKey;
+        let recipients: Vec<UserId> = match conv {
+            ConvKey::Direct(a, b) if a == b => vec![a.clone()],
+            ConvKey::Direct(a, b) => vec![a.clone(), b.clone()],
+            ConvKey::Group(g) => self
+                .groups
+                .get(g)
+                .map(|s| s.members.iter().cloned().collect())
+                .unwrap_or_default(),
+        };
+        let mut n = 0;
+        for u in &recipients {
+            n += self.push_user(u, ev, skip);
+        }
+        self.stats.messages_delivered += n as u64;
+        METRICS.messages_delivered.inc_by(n as u64);
+        n
+    }
+
+    /// Close every session of `user` here with 4001; how many were closed.
+    pub(super) fn close_user(&mut self, user: &UserId, reason: &str) -> usize {
+        let ids: Vec<SessionId> = self
+            .online
+            .get(user)
+            .map(|o| o.sessions.clone())
+            .unwrap_or_default();
+        for id in &ids {
+            if let Some(e) = self.sessions.get(id) {
+                e.recipient.do_send(SessionEvent::Close {
+                    code: close::DISCONNECTED_BY_API,
+                    reason: reason.to_string(),
+                });
+            }
+            self.remove_session(*id);
+        }
+        ids.len()
     }
 
     pub(super) fn group_view(&self, id: &GroupId) -> Option<GroupView> {
@@ -310,9 +382,11 @@ impl ChatServer {
         };
         if last {
             if let Some(o) = self.online.remove(&user) {
-                if o.peers.is_some() {
+                // Online elsewhere in the cluster: still online for everyone.
+                if o.peers.is_some() && !self.remote_online(&user) {
                     self.announce(&user, o.peers.as_ref(), false);
                 }
+                self.cluster_user_left(&user, o.peers.as_ref());
             }
         }
     }
@@ -332,7 +406,12 @@ impl ChatServer {
     }
 
     /// Tell `user`'s online contacts that `user` came online or went offline.
-    fn announce(&mut self, user: &UserId, peers: Option<&HashSet<UserId>>, online: bool) {
+    pub(super) fn announce(
+        &mut self,
+        user: &UserId,
+        peers: Option<&HashSet<UserId>>,
+        online: bool,
+    ) {
         let ev = SessionEvent::Frame(
             ServerFrame::Presence {
                 user: user.as_str(),
@@ -358,7 +437,7 @@ impl ChatServer {
         let online: Vec<UserId> = self
             .contacts(user, peers.as_ref())
             .into_iter()
-            .filter(|c| self.is_announced(c))
+            .filter(|c| self.is_announced(c) || self.remote_online(c))
             .collect();
         for c in online {
             let ev = SessionEvent::Frame(
@@ -377,7 +456,7 @@ impl ChatServer {
         }
     }
 
-    fn is_announced(&self, user: &UserId) -> bool {
+    pub(super) fn is_announced(&self, user: &UserId) -> bool {
         self.online.get(user).is_some_and(|o| o.peers.is_some())
     }
 
@@ -392,7 +471,10 @@ impl ChatServer {
                 Some(p) => p.insert(y.clone()),
                 None => false,
             };
-            if added && self.is_announced(y) {
+            if added {
+                self.cluster_peer_added(x, y);
+            }
+            if added && (self.is_announced(y) || self.remote_online(y)) {
                 let ev = SessionEvent::Frame(
                     ServerFrame::Presence {
                         user: y.as_str(),
@@ -438,6 +520,7 @@ impl ChatServer {
             }
             self.remove_session(id);
         }
+        self.cluster_bye();
         for tx in self.draining.take().unwrap_or_default() {
             let _ = tx.send(());
         }
@@ -454,6 +537,7 @@ impl Actor for ChatServer {
             let (rate, burst, now) = (act.cfg.rate_per_sec, act.cfg.rate_burst, Instant::now());
             act.rates.retain(|_, b| !b.is_full(now, rate, burst));
         });
+        self.cluster_started(ctx);
     }
 }
 
@@ -480,15 +564,33 @@ pub struct Connect {
 }
 
 impl Handler<Connect> for ChatServer {
-    type Result = bool;
+    type Result = ResponseActFuture<Self, bool>;
 
-    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) -> bool {
+    fn handle(&mut self, msg: Connect, ctx: &mut Context<Self>) -> Self::Result {
+        let subscribed = self.connect(msg, ctx);
+        match subscribed {
+            None => Box::pin(fut::ready(!self.drained)),
+            Some(rx) => Box::pin(
+                async move {
+                    let _ = tokio::time::timeout(super::cluster::SUBSCRIBE_WAIT, rx).await;
+                }
+                .into_actor(self)
+                .map(|_, act, _| !act.drained),
+            ),
+        }
+    }
+}
+
+impl ChatServer {
+    /// Register a session; in a cluster, the user's first session here
+    /// returns the wait for their channels.
+    fn connect(&mut self, msg: Connect, ctx: &mut Context<Self>) -> Option<oneshot::Receiver<()>> {
         if self.drained {
             msg.session.do_send(SessionEvent::Close {
                 code: close::GOING_AWAY,
                 reason: "server shutting down".into(),
             });
-            return false;
+            return None;
         }
         let Connect { id, user, session } = msg;
         self.sessions.insert(
@@ -509,6 +611,7 @@ impl Handler<Connect> for ChatServer {
                     peers: None,
                 },
             );
+            let subscribed = self.cluster_user_joined(&user);
             let epoch = self.epochs;
             let u = user.clone();
             self.db
@@ -522,6 +625,7 @@ impl Handler<Connect> for ChatServer {
                     )
                 })
                 .spawn(ctx);
+            return subscribed;
         } else {
             let over: Vec<SessionId> = match self.online.get_mut(&user) {
                 Some(o) => {
@@ -547,7 +651,7 @@ impl Handler<Connect> for ChatServer {
                 self.presence_snapshot(&user, Some(id));
             }
         }
-        true
+        None
     }
 }
 
@@ -565,7 +669,11 @@ impl ChatServer {
             Some(o) if o.epoch == epoch => o.peers = Some(peers.clone()),
             _ => return,
         }
-        self.announce(user, Some(&peers), true);
+        self.cluster_peers_loaded(user, &peers);
+        // Online elsewhere in the cluster: contacts were told then.
+        if !self.remote_online(user) {
+            self.announce(user, Some(&peers), true);
+        }
         self.presence_snapshot(user, None);
     }
 }
@@ -700,23 +808,20 @@ pub struct DisconnectUser {
 }
 
 impl Handler<DisconnectUser> for ChatServer {
-    type Result = usize;
-    fn handle(&mut self, msg: DisconnectUser, _: &mut Context<Self>) -> usize {
-        let ids: Vec<SessionId> = self
-            .online
-            .get(&msg.user)
-            .map(|o| o.sessions.clone())
-            .unwrap_or_default();
-        for id in &ids {
-            if let Some(e) = self.sessions.get(id) {
-                e.recipient.do_send(SessionEvent::Close {
-                    code: close::DISCONNECTED_BY_API,
-                    reason: msg.reason.clone(),
-                });
+    type Result = ResponseActFuture<Self, usize>;
+    fn handle(&mut self, msg: DisconnectUser, _: &mut Context<Self>) -> Self::Result {
+        let here = self.close_user(&msg.user, &msg.reason);
+        let Some((req, rx)) = self.cluster_disconnect(&msg.user, &msg.reason) else {
+            return Box::pin(fut::ready(here));
+        };
+        let wait = super::cluster::disconnect_wait();
+        Box::pin(
+            async move {
+                let _ = tokio::time::timeout(wait, rx).await;
             }
-            self.remove_session(*id);
-        }
-        ids.len()
+            .into_actor(self)
+            .map(move |_, act, _| here + act.cluster_disconnect_done(req)),
+        )
     }
 }
 
@@ -751,6 +856,9 @@ impl Handler<GetStats> for ChatServer {
             users_online: self.online.len(),
             groups: self.groups.len(),
             queued_writes: self.lanes.queued(),
+            bus_up: self.cluster_view().0,
+            cluster_nodes: self.cluster_view().1,
+            remote_users: self.cluster_view().2,
             ..self.stats.clone()
         }
     }

@@ -3,6 +3,7 @@
 //! `mysql` variants get a fresh MariaDB database named per test, dropped
 //! afterwards), so they run in parallel.
 
+mod cluster;
 mod common;
 mod db;
 mod http;

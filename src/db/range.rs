@@ -1,0 +1,49 @@
+//! One conversation's messages in a seq range, as `message` frames: how a
+//! cluster node fills a gap in a conversation's live order (a message that
+//! another node stored but whose bus publication was lost or is late).
+
+use actix::prelude::{Handler, Message, SyncContext};
+use bytestring::ByteString;
+use diesel::prelude::*;
+
+use super::executor::DbExecutor;
+use super::models::MessageRow;
+use super::schema::messages;
+use crate::error::ChatError;
+use crate::protocol::ServerFrame;
+
+/// The most messages one gap fill reads.
+pub const MAX_RANGE: i64 = 10_000;
+
+/// Messages of `conv` with `after < seq <= upto`, oldest first (at most [`MAX_RANGE`]).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<(i64, ByteString)>, ChatError>")]
+pub struct LoadRange {
+    pub conv: String,
+    pub after: i64,
+    pub upto: i64,
+}
+
+impl Handler<LoadRange> for DbExecutor {
+    type Result = Result<Vec<(i64, ByteString)>, ChatError>;
+    fn handle(&mut self, msg: LoadRange, _: &mut SyncContext<Self>) -> Self::Result {
+        self.timed("range", |c| {
+            let rows: Vec<MessageRow> = messages::table
+                .filter(messages::conv.eq(&msg.conv))
+                .filter(messages::seq.gt(msg.after))
+                .filter(messages::seq.le(msg.upto))
+                .order(messages::seq.asc())
+                .limit(MAX_RANGE)
+                .select(MessageRow::as_select())
+                .load(&mut **c)?;
+            Ok(rows
+                .into_iter()
+                .filter_map(|r| {
+                    let seq = r.seq;
+                    r.into_view()
+                        .map(|v| (seq, ServerFrame::Message(&v).to_text()))
+                })
+                .collect())
+        })
+    }
+}
