@@ -17,6 +17,7 @@
 #   MYSQL_URL          MariaDB server (default mysql://root@127.0.0.1:3306)
 #   NO_REDIS=1         no Redis: standalone nodes (only meaningful with NODES=1)
 #   SERVER_ENV         extra VAR=value words for every node's environment
+#   KEEP_LOGS=DIR      copy the nodes', Redis's and the generator's logs there
 set -u
 cd "$(dirname "$0")/../.."
 nodes=${1:?usage: bench.sh NODES LABEL [chat-hub-load args...]}
@@ -39,6 +40,9 @@ pids=()
 redis_pid=""
 cleanup() {
   for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS" && cp "$tmp"/*.log "$KEEP_LOGS"/ 2>/dev/null
+  fi
   [ -z "$redis_pid" ] || kill -TERM "$redis_pid" 2>/dev/null
   rm -rf "$tmp"
 }
@@ -106,21 +110,36 @@ redis_cpu=""
 if [ -n "$redis_pid" ]; then
   redis_cpu=$(awk '{print ($14 + $15) / 100}' "/proc/$redis_pid/stat" 2>/dev/null)
 fi
+# The nodes' cluster counters (published, received, dropped, gap fills, ...).
+for n in $(seq 1 "$nodes"); do
+  u=${urls[$((n - 1))]#ws://}
+  curl -fs --max-time 5 "http://${u%/ws}/metrics" | grep '^chat_hub_cluster_' >"$tmp/metrics$n.log"
+done
 for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
 for p in "${pids[@]}"; do
   for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
 done
 python3 - "$tmp/out.json" "$label" "$nodes" "$rc" "$*" "$load_before" "$load_after" \
-  "${NO_REDIS:+none}" "$redis_cpu" >>"$OUT" <<'EOF'
-import json, sys
-path, label, nodes, rc, args, lb, la, redis, redis_cpu = sys.argv[1:]
+  "${NO_REDIS:+none}" "$redis_cpu" "$tmp" >>"$OUT" <<'EOF'
+import json, os, sys
+path, label, nodes, rc, args, lb, la, redis, redis_cpu, tmp = sys.argv[1:]
 try:
     d = json.loads(open(path).read().strip().splitlines()[-1])
 except Exception as e:
     d = {"error": f"no JSON: {e}"}
+cluster = {}
+for n in range(1, int(nodes) + 1):
+    f = os.path.join(tmp, f"metrics{n}.log")
+    if os.path.exists(f):
+        for line in open(f):
+            name, _, value = line.strip().rpartition(" ")
+            try:
+                cluster.setdefault(f"node{n}", {})[name] = float(value)
+            except ValueError:
+                pass
 d = {"label": label, "nodes": int(nodes), "redis": redis or "private", "backend": "mysql",
      "exit": int(rc), "args": args, "loadavg_before": lb, "loadavg_after": la,
-     "redis_cpu_secs": float(redis_cpu) if redis_cpu else None, **d}
+     "redis_cpu_secs": float(redis_cpu) if redis_cpu else None, "cluster_metrics": cluster, **d}
 print(json.dumps(d))
 EOF
 tail -n 1 "$OUT" | cut -c1-400
