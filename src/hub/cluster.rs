@@ -34,6 +34,11 @@ use crate::metrics::METRICS;
 /// How long a message that arrived ahead of its predecessor waits for it
 /// before the gap is read from the database.
 pub const GAP_WAIT: Duration = Duration::from_millis(150);
+/// How long the first messages of a conversation new to this node wait for
+/// lower seqs from other nodes (racing on the bus) before they go out.
+pub const SETTLE_WAIT: Duration = Duration::from_millis(40);
+/// How often held messages are looked at.
+const ORDER_TICK: Duration = Duration::from_millis(20);
 /// Messages held per conversation before they are delivered anyway.
 const MAX_HELD: usize = 10_000;
 /// A conversation's order state is forgotten after this long unused.
@@ -70,6 +75,8 @@ struct ConvOrder {
     gap_since: Option<Instant>,
     /// A gap fill is being read.
     filling: bool,
+    /// New here: nothing goes out before this (lower seqs may still come).
+    settle_until: Option<Instant>,
     touched: Instant,
 }
 
@@ -92,8 +99,21 @@ impl ConvOrder {
 
     /// Give up on the missing seqs before the first held message.
     fn skip_gap(&mut self) -> Vec<Held> {
-        if let Some((&first, _)) = self.held.first_key_value() {
-            self.last = self.last.max(first - 1);
+        match self.held.first_key_value() {
+            Some((&first, _)) => self.skip_to(first - 1),
+            None => Vec::new(),
+        }
+    }
+
+    /// Count everything up to `seq` as delivered (read, or not coming) and
+    /// take what then follows without a gap; a gap left starts its wait now.
+    fn skip_to(&mut self, seq: i64) -> Vec<Held> {
+        self.last = self.last.max(seq);
+        while let Some(e) = self.held.first_entry() {
+            if *e.key() > self.last {
+                break;
+            }
+            e.remove(); // at or below what was read: already delivered from the read
         }
         let out = self.drain();
         if !self.held.is_empty() {
@@ -225,7 +245,7 @@ impl ChatServer {
             return;
         }
         ctx.run_interval(BEAT_EVERY, |act, _| act.beat());
-        ctx.run_interval(GAP_WAIT / 3, |act, ctx| act.fill_gaps(ctx));
+        ctx.run_interval(ORDER_TICK, |act, ctx| act.fill_gaps(ctx));
         ctx.run_interval(Duration::from_secs(60), |act, _| {
             if let Some(cl) = act.cluster.as_mut() {
                 let now = Instant::now();
@@ -481,19 +501,29 @@ impl ChatServer {
         };
         let now = Instant::now();
         let fresh = !cl.order.contains_key(&key);
+        // Alone in the cluster, nothing can race: no need to settle.
+        let settle_until = (!cl.nodes.is_empty()).then(|| now + SETTLE_WAIT);
         let st = cl.order.entry(key.clone()).or_insert_with(|| ConvOrder {
             key: conv.clone(),
             last: seq - 1,
             held: BTreeMap::new(),
             gap_since: None,
             filling: false,
+            settle_until,
             touched: now,
         });
         st.touched = now;
-        if seq <= st.last || st.held.contains_key(&seq) {
-            return; // a copy already delivered or waiting (a direct message comes on both users' channels)
+        if st.held.contains_key(&seq) {
+            return; // a copy already waiting (a direct message comes on both users' channels)
         }
-        let ready = if seq > st.last + 1 {
+        let ready = if st.settle_until.is_some() {
+            // New here: hold everything, the lowest seq seen sets the start.
+            st.last = st.last.min(seq - 1);
+            st.held.insert(seq, Held { ev, skip });
+            Vec::new()
+        } else if seq <= st.last {
+            return; // a copy already delivered
+        } else if seq > st.last + 1 {
             st.held.insert(seq, Held { ev, skip });
             st.gap_since.get_or_insert(now);
             if st.held.len() > MAX_HELD {
@@ -551,26 +581,58 @@ impl ChatServer {
         }
     }
 
-    /// Read from the database the gaps that waited long enough.
+    /// Release conversations that settled, and read from the database the
+    /// gaps that waited long enough.
     fn fill_gaps(&mut self, ctx: &mut Context<Self>) {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
+        if cl.gaps.is_empty() {
+            return;
+        }
         let now = Instant::now();
-        let due: Vec<(Arc<str>, i64, i64)> = cl
-            .gaps
-            .iter()
-            .filter_map(|k| {
-                let st = cl.order.get_mut(k)?;
-                let since = st.gap_since?;
-                if st.filling || now.duration_since(since) < GAP_WAIT {
-                    return None;
+        let mut settled: Vec<(ConvKey, Vec<Held>)> = Vec::new();
+        let mut due: Vec<(Arc<str>, i64, i64)> = Vec::new();
+        let mut done: Vec<Arc<str>> = Vec::new();
+        for k in &cl.gaps {
+            let Some(st) = cl.order.get_mut(k) else {
+                done.push(k.clone());
+                continue;
+            };
+            if let Some(until) = st.settle_until {
+                if now < until {
+                    continue;
                 }
-                let first = *st.held.keys().next()?;
-                st.filling = true;
-                Some((k.clone(), st.last, first - 1))
-            })
-            .collect();
+                st.settle_until = None;
+                let ready = st.drain();
+                if !st.held.is_empty() {
+                    st.gap_since = Some(now);
+                } else {
+                    done.push(k.clone());
+                }
+                settled.push((st.key.clone(), ready));
+                continue;
+            }
+            let Some(since) = st.gap_since else {
+                continue;
+            };
+            if st.filling || now.duration_since(since) < GAP_WAIT {
+                continue;
+            }
+            let Some(&first) = st.held.keys().next() else {
+                continue;
+            };
+            st.filling = true;
+            due.push((k.clone(), st.last, first - 1));
+        }
+        for k in done {
+            cl.gaps.remove(&k);
+        }
+        for (conv, ready) in settled {
+            for h in ready {
+                self.push_conv(&conv, &h.ev, h.skip);
+            }
+        }
         for (key, after, upto) in due {
             let req = LoadRange {
                 conv: key.to_string(),
@@ -580,14 +642,17 @@ impl ChatServer {
             self.db
                 .send(req)
                 .into_actor(self)
-                .map(move |res, act, _| act.gap_filled(&key, res))
+                .map(move |res, act, _| act.gap_filled(&key, upto, res))
                 .spawn(ctx);
         }
     }
 
+    /// The messages of a gap (`.., upto]`) were read: deliver them, then
+    /// what was held after them.
     fn gap_filled(
         &mut self,
         key: &Arc<str>,
+        upto: i64,
         res: Result<Result<Vec<(i64, ByteString)>, crate::error::ChatError>, MailboxError>,
     ) {
         let Some(cl) = self.cluster.as_mut() else {
@@ -601,27 +666,36 @@ impl ChatServer {
         match res {
             Ok(Ok(rows)) => {
                 for (seq, frame) in rows {
-                    if seq == st.last + 1 {
-                        st.last = seq;
-                        METRICS.gap_fills.inc();
-                        ready.push(Held {
-                            ev: SessionEvent::Message {
-                                conv: key.clone(),
-                                seq,
-                                frame,
-                            },
-                            skip: None,
-                        });
-                        ready.extend(st.drain());
+                    if seq <= st.last {
+                        continue; // arrived on the bus meanwhile
                     }
+                    st.last = seq;
+                    // A copy that came on the bus during the read keeps its
+                    // origin (the sending session gets `sent`, not the message).
+                    let h = match st.held.remove(&seq) {
+                        Some(h) => h,
+                        None => {
+                            METRICS.gap_fills.inc();
+                            Held {
+                                ev: SessionEvent::Message {
+                                    conv: key.clone(),
+                                    seq,
+                                    frame,
+                                },
+                                skip: None,
+                            }
+                        }
+                    };
+                    ready.push(h);
                 }
             }
             Ok(Err(e)) => log::warn!("cluster: gap in {key} not read ({e}); delivering past it"),
             Err(e) => log::warn!("cluster: gap in {key} not read ({e}); delivering past it"),
         }
-        // Whatever is still missing is not coming live: the recipients get
-        // it from their backlog when they reconnect.
-        ready.extend(st.skip_gap());
+        // What the read did not find up to `upto` is not coming (the
+        // recipients get anything missing from their backlog when they
+        // reconnect); a gap opened after `upto` waits its own turn.
+        ready.extend(st.skip_to(upto));
         let conv = st.key.clone();
         if st.held.is_empty() {
             cl.gaps.remove(key);

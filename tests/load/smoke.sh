@@ -47,7 +47,7 @@ server_pid=$!
 
 port=""
 for _ in $(seq 1 150); do
-  port=$(sed -n 's/.*chat-hub listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$tmp/server.log" | head -n1)
+  port=$(sed -n 's/.*listening on http:\/\/127\.0\.0\.1:\([0-9][0-9]*\).*/\1/p' "$tmp/server.log" | head -n1)
   [ -n "$port" ] && break
   kill -0 "$server_pid" 2>/dev/null || break
   sleep 0.2
