@@ -483,6 +483,77 @@ mod shaped {
         }
     }
 
+    /// A page of a user's backlog after `(after_conv, after_seq)` for MariaDB:
+    /// the same rows and order as the DSL query of [`super::backlog_page`],
+    /// written as "the rest of this conversation" (an index range on
+    /// `messages`' primary key, read in order and stopped at the limit)
+    /// `UNION ALL` "later conversations", so that a page no longer re-reads
+    /// and sorts every row of the conversation it continues.
+    #[cfg(feature = "mysql")]
+    pub struct Backlog<'a> {
+        pub user: &'a str,
+        pub after_conv: &'a str,
+        pub after_seq: i64,
+        pub limit: i64,
+    }
+
+    #[cfg(feature = "mysql")]
+    impl QueryId for Backlog<'_> {
+        type QueryId = ();
+        const HAS_STATIC_QUERY_ID: bool = false;
+    }
+    #[cfg(feature = "mysql")]
+    impl<Conn> RunQueryDsl<Conn> for Backlog<'_> {}
+
+    #[cfg(feature = "mysql")]
+    impl Query for Backlog<'_> {
+        type SqlType = (Text, BigInt, Text, Text, BigInt, Nullable<Text>);
+    }
+
+    #[cfg(feature = "mysql")]
+    impl QueryFragment<diesel::mysql::Mysql> for Backlog<'_> {
+        fn walk_ast<'b>(
+            &'b self,
+            mut out: AstPass<'_, 'b, diesel::mysql::Mysql>,
+        ) -> QueryResult<()> {
+            fn visible<'b>(
+                out: &mut AstPass<'_, 'b, diesel::mysql::Mysql>,
+                user: &'b str,
+            ) -> QueryResult<()> {
+                out.push_sql(
+                    "SELECT m.conv AS conv, m.seq AS seq, m.sender AS sender, m.body AS body, \
+                     m.ts AS ts, m.client_id AS client_id \
+                     FROM members b INNER JOIN messages m ON m.conv = b.conv \
+                     AND m.seq > b.delivered_seq AND m.seq > b.joined_seq \
+                     WHERE (b.left_seq IS NULL OR m.seq <= b.left_seq) \
+                     AND (b.gap_from IS NULL OR m.seq <= b.gap_from OR m.seq > b.gap_to) \
+                     AND b.user_id = ",
+                );
+                out.push_bind_param::<Text, str>(user)?;
+                out.push_sql(" AND m.sender <> ");
+                out.push_bind_param::<Text, str>(user)
+            }
+            out.push_sql("SELECT * FROM ((");
+            visible(&mut out, self.user)?;
+            out.push_sql(" AND b.conv = ");
+            out.push_bind_param::<Text, str>(self.after_conv)?;
+            out.push_sql(" AND m.conv = ");
+            out.push_bind_param::<Text, str>(self.after_conv)?;
+            out.push_sql(" AND m.seq > ");
+            out.push_bind_param::<BigInt, i64>(&self.after_seq)?;
+            out.push_sql(" ORDER BY m.seq LIMIT ");
+            out.push_bind_param::<BigInt, i64>(&self.limit)?;
+            out.push_sql(") UNION ALL (");
+            visible(&mut out, self.user)?;
+            out.push_sql(" AND b.conv > ");
+            out.push_bind_param::<Text, str>(self.after_conv)?;
+            out.push_sql(" ORDER BY m.conv, m.seq LIMIT ");
+            out.push_bind_param::<BigInt, i64>(&self.limit)?;
+            out.push_sql(")) AS page ORDER BY conv, seq LIMIT ");
+            out.push_bind_param::<BigInt, i64>(&self.limit)
+        }
+    }
+
     /// One multi-row INSERT of exactly these rows (the caller chunks them
     /// with [`insert_chunk`]).
     pub struct InsertMessages<'a> {
@@ -623,6 +694,18 @@ pub fn backlog_page(
     limit: i64,
 ) -> QueryResult<Vec<MessageRow>> {
     let (after_conv, after_seq) = after.unwrap_or(("", 0));
+    // MariaDB cannot use the keyset's `OR` as an index range: it would read
+    // and sort the whole backlog for every page. Its own query splits it.
+    #[cfg(feature = "mysql")]
+    if let DbConn::Mysql(c) = conn {
+        let q = shaped::Backlog {
+            user: user.as_str(),
+            after_conv,
+            after_seq,
+            limit,
+        };
+        return q.load::<MessageRow>(c);
+    }
     members::table
         .inner_join(
             messages::table.on(messages::conv
