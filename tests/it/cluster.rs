@@ -76,6 +76,7 @@ mod mysql {
 
     struct Cluster {
         nodes: Vec<TestServer>,
+        prefix: String,
         _db: TestDb,
         db_config: Config,
     }
@@ -108,6 +109,7 @@ mod mysql {
         }
         Cluster {
             nodes,
+            prefix,
             db_config: db.config(),
             _db: db,
         }
@@ -317,5 +319,37 @@ mod mysql {
             (m["seq"].as_i64(), m["body"].as_str()),
             (Some(3), Some("three"))
         );
+    }
+
+    #[actix_rt::test]
+    async fn messages_racing_on_the_bus_reach_a_new_conversation_in_order() {
+        use chat_hub::cluster::BusMsg;
+        use redis::AsyncCommands;
+        let c = cluster(2).await;
+        let (mut bob, _) = c.nodes[1].connect_synced("bob").await;
+        // Another node's messages 2 and 1 of a conversation new to node 1,
+        // in that order (two writers racing): bob still gets 1, then 2.
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut r = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        for seq in [2, 1] {
+            let frame = json!({"type": "message", "conv": "dm:bob:zoe", "seq": seq, "from": "zoe",
+                "to": {"user": "bob"}, "body": format!("m{seq}"), "ts": 1});
+            let msg = BusMsg::Msg {
+                node: "node0".into(),
+                conv: "dm:bob:zoe".into(),
+                seq,
+                frame: frame.to_string(),
+            };
+            let payload = serde_json::to_string(&msg).expect("json");
+            let _: i64 = r
+                .publish(format!("{}:u:bob", c.prefix), payload)
+                .await
+                .expect("publish");
+        }
+        assert_eq!(next_message(&mut bob).await["seq"], 1);
+        assert_eq!(next_message(&mut bob).await["seq"], 2);
     }
 }
