@@ -185,7 +185,15 @@ mod mysql {
         let total = per_user * users.len();
         for (i, cl) in clients.iter_mut().enumerate() {
             let mut got: Vec<i64> = Vec::new();
+            // One deadline for all (presence frames would reset a per-frame one).
+            let deadline = tokio::time::Instant::now() + WAIT;
             while own[i].len() + got.len() < total {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{} still misses some: sent {:?}, got {got:?}",
+                    users[i],
+                    own[i]
+                );
                 let v = cl.recv().await;
                 match v["type"].as_str() {
                     Some("sent") => own[i].push(v["seq"].as_i64().expect("seq")),
