@@ -15,13 +15,16 @@ use crate::protocol::ServerFrame;
 /// The most messages one gap fill reads.
 pub const MAX_RANGE: i64 = 10_000;
 
-/// Messages of `conv` with `after < seq <= upto`, oldest first (at most [`MAX_RANGE`]).
+/// Messages of `conv` with `after < seq <= upto` (and `ts >= since_ts`),
+/// oldest first (at most [`MAX_RANGE`]).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<(i64, ByteString)>, ChatError>")]
 pub struct LoadRange {
     pub conv: String,
     pub after: i64,
     pub upto: i64,
+    /// Only messages accepted at or after this time (Unix ms).
+    pub since_ts: Option<i64>,
 }
 
 impl Handler<LoadRange> for DbExecutor {
@@ -32,6 +35,7 @@ impl Handler<LoadRange> for DbExecutor {
                 .filter(messages::conv.eq(&msg.conv))
                 .filter(messages::seq.gt(msg.after))
                 .filter(messages::seq.le(msg.upto))
+                .filter(messages::ts.ge(msg.since_ts.unwrap_or(i64::MIN)))
                 .order(messages::seq.asc())
                 .limit(MAX_RANGE)
                 .select(MessageRow::as_select())

@@ -37,6 +37,11 @@ pub const GAP_WAIT: Duration = Duration::from_millis(150);
 /// How long the first messages of a conversation new to this node wait for
 /// lower seqs from other nodes (racing on the bus) before they go out.
 pub const SETTLE_WAIT: Duration = Duration::from_millis(40);
+/// Once settled, a new conversation's messages stored up to this long before
+/// it became known here and below the lowest seq seen are read from the
+/// database and go out first: they were racing on the bus (on a loaded
+/// machine, by more than the settling time).
+const RACE_WINDOW_MS: i64 = 5_000;
 /// How often held messages are looked at.
 const ORDER_TICK: Duration = Duration::from_millis(20);
 /// Messages held per conversation before they are delivered anyway.
@@ -77,6 +82,8 @@ struct ConvOrder {
     filling: bool,
     /// New here: nothing goes out before this (lower seqs may still come).
     settle_until: Option<Instant>,
+    /// When it became known here (Unix ms).
+    created_ms: i64,
     touched: Instant,
 }
 
@@ -510,6 +517,7 @@ impl ChatServer {
             gap_since: None,
             filling: false,
             settle_until,
+            created_ms: crate::now_ms(),
             touched: now,
         });
         st.touched = now;
@@ -591,68 +599,73 @@ impl ChatServer {
             return;
         }
         let now = Instant::now();
-        let mut settled: Vec<(ConvKey, Vec<Held>)> = Vec::new();
-        let mut due: Vec<(Arc<str>, i64, i64)> = Vec::new();
+        let mut due: Vec<(Arc<str>, i64, i64, Option<i64>)> = Vec::new();
         let mut done: Vec<Arc<str>> = Vec::new();
         for k in &cl.gaps {
             let Some(st) = cl.order.get_mut(k) else {
                 done.push(k.clone());
                 continue;
             };
+            if st.filling {
+                continue;
+            }
             if let Some(until) = st.settle_until {
                 if now < until {
                     continue;
                 }
-                st.settle_until = None;
-                let ready = st.drain();
-                if !st.held.is_empty() {
-                    st.gap_since = Some(now);
-                } else {
+                let Some(&first) = st.held.keys().next() else {
+                    st.settle_until = None;
                     done.push(k.clone());
-                }
-                settled.push((st.key.clone(), ready));
+                    continue;
+                };
+                st.filling = true;
+                due.push((
+                    k.clone(),
+                    0,
+                    first - 1,
+                    Some(st.created_ms - RACE_WINDOW_MS),
+                ));
                 continue;
             }
             let Some(since) = st.gap_since else {
                 continue;
             };
-            if st.filling || now.duration_since(since) < GAP_WAIT {
+            if now.duration_since(since) < GAP_WAIT {
                 continue;
             }
             let Some(&first) = st.held.keys().next() else {
                 continue;
             };
             st.filling = true;
-            due.push((k.clone(), st.last, first - 1));
+            due.push((k.clone(), st.last, first - 1, None));
         }
         for k in done {
             cl.gaps.remove(&k);
         }
-        for (conv, ready) in settled {
-            for h in ready {
-                self.push_conv(&conv, &h.ev, h.skip);
-            }
-        }
-        for (key, after, upto) in due {
+        for (key, after, upto, since_ts) in due {
             let req = LoadRange {
                 conv: key.to_string(),
                 after,
                 upto,
+                since_ts,
             };
+            let settling = since_ts.is_some();
             self.db
                 .send(req)
                 .into_actor(self)
-                .map(move |res, act, _| act.gap_filled(&key, upto, res))
+                .map(move |res, act, _| act.gap_filled(&key, upto, settling, res))
                 .spawn(ctx);
         }
     }
 
     /// The messages of a gap (`.., upto]`) were read: deliver them, then
-    /// what was held after them.
+    /// what was held after them. `settling`: the read of a conversation new
+    /// here, whose start it sets.
     fn gap_filled(
         &mut self,
         key: &Arc<str>,
         upto: i64,
+        settling: bool,
         res: Result<Result<Vec<(i64, ByteString)>, crate::error::ChatError>, MailboxError>,
     ) {
         let Some(cl) = self.cluster.as_mut() else {
@@ -662,6 +675,14 @@ impl ChatServer {
             return;
         };
         st.filling = false;
+        if settling {
+            st.settle_until = None;
+            let first = match &res {
+                Ok(Ok(rows)) => rows.first().map(|(seq, _)| *seq),
+                _ => None,
+            };
+            st.last = first.map_or(upto, |f| (f - 1).min(upto));
+        }
         let mut ready = Vec::new();
         match res {
             Ok(Ok(rows)) => {
