@@ -8,7 +8,7 @@ use diesel::prelude::*;
 
 use super::executor::DbExecutor;
 use super::models::MessageRow;
-use super::schema::messages;
+use super::schema::{members, messages};
 use crate::error::ChatError;
 use crate::protocol::ServerFrame;
 
@@ -25,15 +25,27 @@ pub struct LoadRange {
     pub upto: i64,
     /// Only messages accepted at or after this time (Unix ms).
     pub since_ts: Option<i64>,
+    /// Only messages after the furthest delivery position (ack) of these
+    /// members: what they acknowledged they have.
+    pub acked_by: Vec<String>,
 }
 
 impl Handler<LoadRange> for DbExecutor {
     type Result = Result<Vec<(i64, ByteString)>, ChatError>;
     fn handle(&mut self, msg: LoadRange, _: &mut SyncContext<Self>) -> Self::Result {
         self.timed("range", |c| {
+            let mut after = msg.after;
+            if !msg.acked_by.is_empty() {
+                let acked: Option<i64> = members::table
+                    .filter(members::conv.eq(&msg.conv))
+                    .filter(members::user_id.eq_any(&msg.acked_by))
+                    .select(diesel::dsl::max(members::delivered_seq))
+                    .first(&mut **c)?;
+                after = after.max(acked.unwrap_or(0));
+            }
             let rows: Vec<MessageRow> = messages::table
                 .filter(messages::conv.eq(&msg.conv))
-                .filter(messages::seq.gt(msg.after))
+                .filter(messages::seq.gt(after))
                 .filter(messages::seq.le(msg.upto))
                 .filter(messages::ts.ge(msg.since_ts.unwrap_or(i64::MIN)))
                 .order(messages::seq.asc())

@@ -239,6 +239,23 @@ impl ChatServer {
         })
     }
 
+    /// The users of `conv` with a session on this node.
+    fn local_recipients(&self, conv: &ConvKey) -> Vec<String> {
+        let users: Vec<UserId> = match conv {
+            ConvKey::Direct(a, b) => vec![a.clone(), b.clone()],
+            ConvKey::Group(g) => self
+                .groups
+                .get(g)
+                .map(|s| s.members.iter().cloned().collect())
+                .unwrap_or_default(),
+        };
+        users
+            .into_iter()
+            .filter(|u| self.is_online_here(u))
+            .map(|u| u.to_string())
+            .collect()
+    }
+
     /// Whether `user` is online on another node.
     pub(super) fn remote_online(&self, user: &UserId) -> bool {
         self.cluster
@@ -643,13 +660,20 @@ impl ChatServer {
             cl.gaps.remove(&k);
         }
         for (key, after, upto, since_ts) in due {
+            let settling = since_ts.is_some();
+            // A new conversation's read skips what its users here have
+            // acknowledged (they may have had it on another node).
+            let acked_by = match (settling, cl_key(&self.cluster, &key)) {
+                (true, Some(conv)) => self.local_recipients(&conv),
+                _ => Vec::new(),
+            };
             let req = LoadRange {
                 conv: key.to_string(),
                 after,
                 upto,
                 since_ts,
+                acked_by,
             };
-            let settling = since_ts.is_some();
             self.db
                 .send(req)
                 .into_actor(self)
@@ -943,6 +967,14 @@ impl ChatServer {
             cl.publish_all(&BusMsg::Bye { node: cl.node() });
         }
     }
+}
+
+/// The conversation of an order state.
+fn cl_key(cluster: &Option<ClusterState>, key: &Arc<str>) -> Option<ConvKey> {
+    cluster
+        .as_ref()
+        .and_then(|c| c.order.get(key))
+        .map(|o| o.key.clone())
 }
 
 /// The users the cluster state has for `node`.
