@@ -179,10 +179,11 @@ impl Bus {
 
     /// Queue `msg` for `channel`; dropped (and counted) if too much is queued.
     pub fn publish(&self, channel: String, msg: &BusMsg) {
-        if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
-            METRICS.bus_dropped.inc();
-            return;
-        }
+        self.publish_on(vec![channel], msg);
+    }
+
+    /// Queue `msg` for each of `channels`, encoded once.
+    pub fn publish_on(&self, channels: Vec<String>, msg: &BusMsg) {
         let payload = match serde_json::to_string(msg) {
             Ok(p) => p,
             Err(e) => {
@@ -190,10 +191,20 @@ impl Bus {
                 return;
             }
         };
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Cmd::Publish(channel, payload)).is_err() {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            METRICS.bus_dropped.inc();
+        for channel in channels {
+            if self.queued.load(Ordering::Relaxed) >= MAX_QUEUED {
+                METRICS.bus_dropped.inc();
+                continue;
+            }
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            if self
+                .tx
+                .send(Cmd::Publish(channel, payload.clone()))
+                .is_err()
+            {
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                METRICS.bus_dropped.inc();
+            }
         }
     }
 

@@ -49,7 +49,7 @@ const MAX_HELD: usize = 10_000;
 /// A conversation's order state is forgotten after this long unused.
 const ORDER_IDLE: Duration = Duration::from_secs(300);
 /// Longest wait for other nodes' answers to a `disconnect`.
-const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+pub(super) const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
 
 /// How to join a cluster.
 #[derive(Clone, Debug)]
@@ -478,15 +478,15 @@ impl ChatServer {
             seq,
             frame: frame.to_string(),
         };
-        match conv {
-            ConvKey::Direct(a, b) => {
-                cl.bus.publish(cl.bus.user_channel(a.as_str()), &msg);
-                if a != b {
-                    cl.bus.publish(cl.bus.user_channel(b.as_str()), &msg);
-                }
-            }
-            ConvKey::Group(g) => cl.bus.publish(cl.bus.group_channel(g.as_str()), &msg),
-        }
+        let channels = match conv {
+            ConvKey::Direct(a, b) if a == b => vec![cl.bus.user_channel(a.as_str())],
+            ConvKey::Direct(a, b) => vec![
+                cl.bus.user_channel(a.as_str()),
+                cl.bus.user_channel(b.as_str()),
+            ],
+            ConvKey::Group(g) => vec![cl.bus.group_channel(g.as_str())],
+        };
+        cl.bus.publish_on(channels, &msg);
     }
 
     /// Publish a committed group change to every node.
@@ -989,11 +989,6 @@ fn cl_users(cluster: &Option<ClusterState>, node: &str) -> Vec<UserId> {
 /// Longest wait for a new user's subscriptions before the session goes on
 /// without them (Redis slow or away: the backlog covers what is missed).
 pub(super) const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
-
-/// How long the server API waits for other nodes to close a user's sessions.
-pub(super) fn disconnect_wait() -> Duration {
-    DISCONNECT_WAIT
-}
 
 impl Handler<BusEvent> for ChatServer {
     type Result = ();

@@ -814,7 +814,7 @@ impl Handler<DisconnectUser> for ChatServer {
         let Some((req, rx)) = self.cluster_disconnect(&msg.user, &msg.reason) else {
             return Box::pin(fut::ready(here));
         };
-        let wait = super::cluster::disconnect_wait();
+        let wait = super::cluster::DISCONNECT_WAIT;
         Box::pin(
             async move {
                 let _ = tokio::time::timeout(wait, rx).await;
@@ -851,14 +851,15 @@ pub struct GetStats;
 impl Handler<GetStats> for ChatServer {
     type Result = Stats;
     fn handle(&mut self, _: GetStats, _: &mut Context<Self>) -> Stats {
+        let (bus_up, cluster_nodes, remote_users) = self.cluster_view();
         Stats {
             sessions: self.sessions.len(),
             users_online: self.online.len(),
             groups: self.groups.len(),
             queued_writes: self.lanes.queued(),
-            bus_up: self.cluster_view().0,
-            cluster_nodes: self.cluster_view().1,
-            remote_users: self.cluster_view().2,
+            bus_up,
+            cluster_nodes,
+            remote_users,
             ..self.stats.clone()
         }
     }
