@@ -9,26 +9,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-async fn api(s: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let body = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
-    let (status, text) = http_request(
-        s.addr,
-        method,
-        path,
-        &[
-            ("Authorization", "Bearer test-api-key-0123456789"),
-            ("Content-Type", "application/json"),
-        ],
-        &body,
-    )
-    .await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 async fn send(c: &mut Client, to: Value, body: &str, r: &str) -> Value {
     c.send(json!({"type": "send", "ref": r, "to": to, "body": body}))
         .await;

@@ -95,7 +95,7 @@ impl TestDb {
         let mut c = Config::defaults();
         c.database = self.url.clone();
         c.jwt_secret = Some("test-secret-0123456789abcdef".into());
-        c.api_key = Some("test-api-key-0123456789".into());
+        c.api_key = Some(API_KEY.into());
         c.bind = "127.0.0.1:0".parse().expect("addr");
         c.db_threads = 2;
         c.db_pool_size = 4;
@@ -448,6 +448,48 @@ where
 // ---------------------------------------------------------------------------
 // End-to-end helpers (ws.rs, process.rs): plain HTTP, refused upgrades, a
 // hand-made WebSocket that never answers, the server's counters.
+
+/// The server API key of [`TestDb::config`].
+pub const API_KEY: &str = "test-api-key-0123456789";
+
+/// A server API call with the test key: the status and the JSON body (null if none).
+pub async fn api(s: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
+    let auth = format!("Bearer {API_KEY}");
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let (status, text) = http_request(
+        s.addr,
+        method,
+        path,
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        &body,
+    )
+    .await;
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// Send a `ping` and read until its `pong`: the seqs of the `sent` answers
+/// read on the way (a session answers in order, so every send made before
+/// the ping has been handed to the hub by then).
+pub async fn sent_until_pong(c: &mut Client) -> Vec<i64> {
+    c.send(serde_json::json!({"type": "ping", "ref": "last"}))
+        .await;
+    let mut sent = Vec::new();
+    loop {
+        let v = c.recv().await;
+        match v["type"].as_str() {
+            Some("sent") => sent.push(v["seq"].as_i64().expect("seq")),
+            Some("pong") => return sent,
+            _ => {}
+        }
+    }
+}
 
 /// One HTTP/1.0 request on a fresh connection: the status and the body.
 pub async fn http_request(

@@ -10,29 +10,6 @@ use serde_json::{json, Value};
 
 use crate::common::*;
 
-const KEY: &str = "test-api-key-0123456789";
-
-async fn api(s: &TestServer, method: &str, path: &str, body: Value) -> (u16, Value) {
-    let auth = format!("Bearer {KEY}");
-    let body = if body.is_null() {
-        String::new()
-    } else {
-        body.to_string()
-    };
-    let (status, text) = http_request(
-        s.addr,
-        method,
-        path,
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
-        &body,
-    )
-    .await;
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 fn code(v: &Value) -> &str {
     v["code"].as_str().unwrap_or("")
 }
@@ -69,7 +46,7 @@ backend_tests! {
         assert_eq!((st, code(&v)), (409, "conflict"));
         let (st, v) = api(&s, "POST", "/api/groups", json!({"group":"bad id","owner":"carol"})).await;
         assert_eq!((st, code(&v)), (400, "bad_request"));
-        let (st, body) = http_request(s.addr, "POST", "/api/groups", &[("Authorization", &format!("Bearer {KEY}")), ("Content-Type", "application/json")], "{not json").await;
+        let (st, body) = http_request(s.addr, "POST", "/api/groups", &[("Authorization", &format!("Bearer {API_KEY}")), ("Content-Type", "application/json")], "{not json").await;
         assert_eq!((st, code(&serde_json::from_str(&body).unwrap())), (400, "bad_request"));
         let (st, v) = api(&s, "GET", "/api/groups/team", Value::Null).await;
         assert_eq!((st, v["members"].clone()), (200, json!(["alice", "bob"])));
@@ -241,7 +218,7 @@ backend_tests! {
         for op in &ops {
             let (method, path) = op.split_once(' ').unwrap();
             let path = path.replace("{group}", "g1").replace("{user}", "u1");
-            let (st, body) = http_request(s.addr, method, &path, &[("Authorization", &format!("Bearer {KEY}")), ("Content-Type", "application/json")], "{}").await;
+            let (st, body) = http_request(s.addr, method, &path, &[("Authorization", &format!("Bearer {API_KEY}")), ("Content-Type", "application/json")], "{}").await;
             assert!(!body.contains("no such endpoint"), "{op} is not routed (status {st})");
         }
     }

@@ -368,16 +368,7 @@ async fn sigterm_stores_what_was_received_closes_1001_and_exits_0() {
     for i in 0..30 {
         a.send(json!({"type": "send", "to": {"user": "bob"}, "body": format!("m{i}"), "client_id": format!("t{i}")})).await;
     }
-    a.send(json!({"type": "ping", "ref": "last"})).await;
-    let mut sent = Vec::new();
-    loop {
-        let v = a.recv().await;
-        match v["type"].as_str() {
-            Some("sent") => sent.push(v["seq"].as_i64().unwrap()),
-            Some("pong") => break,
-            _ => {}
-        }
-    }
+    let mut sent = sent_until_pong(&mut a).await;
     server.sigterm();
     let code = a.sent_until_close(&mut sent).await;
     assert_eq!(code, Some(1001));

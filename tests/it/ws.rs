@@ -1239,17 +1239,8 @@ backend_tests! {
         for i in 0..50 {
             a.send(json!({"type": "send", "to": {"user": "bob"}, "body": format!("m{i}"), "client_id": format!("c{i}")})).await;
         }
-        a.send(json!({"type": "ping", "ref": "last"})).await;
         // The pong means the session has handed every send above to the hub.
-        let mut sent = Vec::new();
-        loop {
-            let v = a.recv().await;
-            match v["type"].as_str() {
-                Some("sent") => sent.push(v["seq"].as_i64().unwrap()),
-                Some("pong") => break,
-                _ => {}
-            }
-        }
+        let mut sent = sent_until_pong(&mut a).await;
         let hub = s.server();
         s.stop().await;
         let code = a.sent_until_close(&mut sent).await;
